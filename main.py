@@ -6,15 +6,37 @@ models, criterion and loops together; the loops live in engine.py.
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import signal
 import torch
+from timm.data import Mixup
+from timm.layers import resample_abs_pos_embed
+from timm.optim import create_optimizer
+from timm.scheduler import create_scheduler
+from timm.utils import ModelEmaV2
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import utils
+from datasets import build_dataset
+from engine import NonFiniteLossError, Precision, evaluate, train_one_epoch
+from losses import build_criterion
+from models import create_student, create_teacher, load_weights
+from samplers import RASampler, ShardedEvalSampler
+from utils import UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
+EVAL_BATCH_FACTOR = 1.5  # DeiT evaluates with 1.5x the training batch
+CHECKPOINT_NAME = 'checkpoint.pth'
+BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
+PROJECTOR_PREFIX = 'projector.'
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, the job should be run again
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -156,3 +178,289 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-timeout', default=30, type=float, help='process-group timeout in minutes')
     group.add_argument('--local_rank', '--local-rank', default=0, type=int)
     return parser
+
+
+def validate_args(args) -> None:
+    """Fail fast, before any data or model is built, on flags that cannot work (one line, naming the flag)."""
+    if args.s_id is not None or args.t_id is not None:
+        if not args.s_id or not args.t_id:
+            raise UserError('--s-id and --t-id must be given together')
+        if len(args.s_id) != len(args.t_id):
+            raise UserError(f'--s-id has {len(args.s_id)} blocks but --t-id has {len(args.t_id)}: they are paired')
+    if args.K < 1:
+        raise UserError(f'--K {args.K}: the random relation term needs at least 1 token')
+    if not args.eval and args.distillation_type != 'none':
+        if not args.teacher_path:
+            raise UserError('--teacher-path is required when --distillation-type is not none')
+        if not args.teacher_path.startswith('https://') and not os.path.isfile(args.teacher_path):
+            raise UserError(f'--teacher-path {args.teacher_path}: no such file')
+    if args.resume and not args.resume.startswith('https://') and not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume}: no such file')
+    if args.distillation_type != 'none' and args.finetune and not args.eval:
+        raise UserError('--finetune with distillation is not supported (as in DeiT): drop one of them')
+    if args.output_dir:
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            probe = Path(args.output_dir) / f'.write-test-{os.getpid()}'
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f'--output_dir {args.output_dir} is not writable: {err.strerror}') from None
+
+
+def amp_dtype(args, device: torch.device) -> torch.dtype:
+    """bfloat16 where supported, else float16 (with a grad scaler); float32 when AMP is off."""
+    if not args.amp or (device.type == 'cpu' and not args.amp_cpu):
+        return torch.float32
+    if args.amp_dtype != 'auto':
+        return getattr(torch, args.amp_dtype)
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_loaders(args, dataset_train, dataset_val) -> tuple:
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed:
+        if args.repeated_aug:
+            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        else:
+            sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                               seed=args.seed)
+        sampler_val = (ShardedEvalSampler(dataset_val, num_replicas=world, rank=rank) if args.dist_eval
+                       else SequentialSampler(dataset_val))
+    else:
+        sampler_train = RandomSampler(dataset_train)
+        sampler_val = SequentialSampler(dataset_val)
+    workers = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
+                   persistent_workers=args.num_workers > 0)
+    # DeiT drops the last partial batch; a dataset smaller than one batch still trains on what it has.
+    drop_last = len(sampler_train) >= args.batch_size
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                              drop_last=drop_last, **workers)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
+                            drop_last=False, **workers)
+    return loader_train, loader_val
+
+
+def interpolate_pos_embed(model: torch.nn.Module, state_dict: dict) -> None:
+    """Resize a checkpoint's position embedding to the model's patch grid (DeiT fine-tuning)."""
+    if 'pos_embed' not in state_dict or state_dict['pos_embed'].shape == model.pos_embed.shape:
+        return
+    num_prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
+    state_dict['pos_embed'] = resample_abs_pos_embed(
+        state_dict['pos_embed'], new_size=model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+
+
+def load_finetune(args, model: torch.nn.Module) -> None:
+    state_dict = utils.strip_prefix(utils.load_checkpoint(args.finetune).get('model', {}))
+    own = model.state_dict()
+    for key in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+            print(f'Removing key {key} from the pretrained checkpoint')
+            del state_dict[key]
+    interpolate_pos_embed(model, state_dict)
+    print(model.load_state_dict(state_dict, strict=False))
+    if args.attn_only:
+        for name, param in model.named_parameters():
+            param.requires_grad = '.attn.' in name or name.startswith(('head', 'pos_embed', 'cls_token',
+                                                                        'dist_token'))
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict, path: str, training: bool) -> None:
+    """Load ``X['model']``; ``projector.*`` (a training-only module) is skipped with a note for evaluation."""
+    state_dict = utils.strip_prefix(state_dict)
+    if not training:
+        own = model.state_dict()
+        skipped = sorted(k for k in state_dict if k.startswith(PROJECTOR_PREFIX) and k not in own)
+        absent = sorted(k for k in own if k.startswith(PROJECTOR_PREFIX) and k not in state_dict)
+        if skipped or absent:
+            print(f'Note: {path}: the projector is only used in training; its weights are not loaded for evaluation')
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
+            state_dict.update({k: own[k] for k in own if k.startswith(PROJECTOR_PREFIX)})
+    load_weights(model, state_dict, path, '--resume', f'--model {model.default_cfg.get("architecture", "")}')
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster preemption): the loop finishes its step, saves and exits to be requeued."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        sys.stderr.write(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step\n')
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision, args,
+                     max_accuracy) -> dict:
+    return {
+        'model': model_without_ddp.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'epoch': epoch,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'scaler': precision.scaler.state_dict(),
+        'args': args,
+        'max_accuracy': max_accuracy,
+    }
+
+
+def main(args) -> int:
+    validate_args(args)
+    device = torch.device(args.device)
+    utils.seed_everything(args.seed + utils.get_rank())
+    torch.backends.cudnn.benchmark = True
+
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+    teacher = None
+    if args.distillation_type != 'none' and not args.eval:
+        print(f'Creating teacher model: {args.teacher_model}')
+        teacher = create_teacher(args).to(device)
+        if args.dim_t is not None and int(args.dim_t) != teacher.embed_dim:
+            raise UserError(f'--dim-t {args.dim_t:g} does not match --teacher-model {args.teacher_model} '
+                            f'(token width {teacher.embed_dim})')
+    print(f'Creating model: {args.model}')
+    model = create_student(args, teacher)
+    if args.finetune:
+        load_finetune(args, model)
+    model.to(device)
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print('number of params:', n_parameters)
+
+    if not args.unscale_lr:
+        args.lr = args.lr * args.batch_size * utils.get_world_size() / LR_REFERENCE_BATCH
+    optimizer = create_optimizer(args, model_without_ddp)
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    precision = Precision(device, args.amp, amp_dtype(args, device))
+    criterion = build_criterion(args)
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    last_checkpoint = output_dir / CHECKPOINT_NAME if output_dir else None
+    if not args.resume and args.auto_resume and not args.eval and last_checkpoint and last_checkpoint.is_file():
+        args.resume = str(last_checkpoint)
+        print(f'Auto-resume: continuing from {last_checkpoint} (--no-auto-resume starts afresh)')
+    max_accuracy = 0.0
+    if args.resume:
+        checkpoint = utils.load_checkpoint(args.resume)
+        if not isinstance(checkpoint.get('model'), dict):
+            raise UserError(f'--resume {args.resume} is not a training checkpoint: it has no "model" entry')
+        load_model_weights(model_without_ddp, checkpoint['model'], args.resume, training=not args.eval)
+        if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            args.start_epoch = checkpoint['epoch'] + 1
+            if model_ema is not None and checkpoint.get('model_ema'):
+                model_ema.module.load_state_dict(utils.strip_prefix(checkpoint['model_ema']))
+            if checkpoint.get('scaler'):
+                precision.scaler.load_state_dict(checkpoint['scaler'])
+            max_accuracy = checkpoint.get('max_accuracy', 0.0)
+            print(f'Resumed from {args.resume} at epoch {args.start_epoch}')
+
+    if args.eval:
+        stats = evaluate(loader_val, model, device, precision, args.print_freq)
+        print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
+        return 0
+
+    writer = make_tensorboard_writer(args)
+    preempted = PreemptionFlag()
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, teacher, criterion, loader_train, optimizer, device, epoch, precision,
+            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+            set_training_mode=args.train_mode and not args.finetune, print_freq=args.print_freq,
+            should_stop=preempted,
+        )
+        if preempted():
+            # The interrupted epoch is repeated on restart; its partial progress is kept in the weights.
+            if last_checkpoint:
+                utils.save_on_master(checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch - 1,
+                                                      model_ema, precision, args, max_accuracy), last_checkpoint)
+                sys.stderr.write(f'Preempted: saved {last_checkpoint}; exiting with code {EXIT_REQUEUE} '
+                                 'to be requeued\n')
+            return EXIT_REQUEUE
+        lr_scheduler.step(epoch + 1)
+        test_stats = evaluate(loader_val, model, device, precision, args.print_freq)
+        print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+        is_best = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+        if output_dir:
+            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision,
+                                     args, max_accuracy)
+            utils.save_on_master(state, last_checkpoint)
+            if is_best:
+                utils.save_on_master(state, output_dir / BEST_CHECKPOINT_NAME)
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        if output_dir and utils.is_main_process():
+            with (output_dir / 'log.txt').open('a') as f:
+                f.write(json.dumps(log_stats) + '\n')
+        if writer is not None:
+            for key, value in log_stats.items():
+                writer.add_scalar(key, value, epoch)
+    if writer is not None:
+        writer.close()
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    return 0
+
+
+def make_tensorboard_writer(args):
+    """A TensorBoard writer under ``--log-dir/--exp-name`` on the main process, when asked for."""
+    if not args.log_dir or not utils.is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--log-dir needs the tensorboard package: pip install tensorboard') from None
+    return SummaryWriter(log_dir=os.path.join(args.log_dir, args.exp_name))
+
+
+def run(argv=None) -> int:
+    """Command-line entry: user errors end with one line and exit code 2, no traceback."""
+    parser = argparse.ArgumentParser('[CLS]-KD / Manifold Distillation', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        utils.init_distributed_mode(args)
+        print(args)
+        return main(args)
+    except (UserError, FileNotFoundError, NotADirectoryError) as err:
+        sys.stderr.write(f'error: {err}\n')
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as err:
+        sys.stderr.write(f'error: {err}. The last good checkpoint is kept.\n')
+        return EXIT_NON_FINITE
+
+
+if __name__ == '__main__':
+    sys.exit(run())
