@@ -1,0 +1,109 @@
+"""End to end: the papers' commands train, write checkpoints and logs, and evaluate original-layout checkpoints."""
+import argparse
+import json
+import re
+
+import pytest
+import timm
+import torch
+
+import datasets
+import engine
+import main
+from helpers import CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, main_argv, make_shapes, run_main, save_teacher
+
+CLSKD_TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
+DEIT_LINE = re.compile(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', re.M)
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp('shapes'))
+
+
+@pytest.fixture(scope='module')
+def base_teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp('teacher') / 'deit_base.pth', 'deit_base_patch16_224')
+
+
+def test_every_seed_flag_parses():
+    parser = main.get_args_parser()
+    for command in (CLSKD_TRAIN, CLSKD_TEST, MANIFOLD_TRAIN):
+        args = parser.parse_args(main_argv(command, output_dir='o', dataset_dir='d',
+                                           path_of_teacher_checkpoint='t', path_of_distilled_model='m'))
+        assert args.s_id == [0, 1, 2, 3, 8, 9, 10, 11]
+    manifold = parser.parse_args(main_argv(MANIFOLD_TRAIN))
+    assert (manifold.w_cls, manifold.w_atn, manifold.manifold) == (0.0, 0.0, True)
+    assert parser.parse_args(['--local-rank=3']).local_rank == 3
+    assert parser.parse_args(['--local_rank', '2']).local_rank == 2
+
+
+def test_clskd_train_command_trains_one_epoch(shapes, base_teacher, tmp_path):
+    out = tmp_path / 'run'
+    argv = main_argv(CLSKD_TRAIN, output_dir=out, dataset_dir=shapes, path_of_teacher_checkpoint=base_teacher)
+    result = run_main(argv + ['--epochs', '1', '--device', 'cpu'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Not using distributed mode' in result.stdout
+    assert DEIT_LINE.search(result.stdout)
+
+    log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert len(log) == 1 and log[0]['epoch'] == 0
+    for term in CLSKD_TERMS:
+        assert f'train_{term}' in log[0]
+    assert 0.0 <= log[0]['test_acc1'] <= 100.0
+
+    checkpoint = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'} <= set(checkpoint)
+    assert checkpoint['epoch'] == 0 and isinstance(checkpoint['args'], argparse.Namespace)
+    assert 'projector.fc1.weight' in checkpoint['model'] and 'blocks.11.mlp.fc2.bias' in checkpoint['model']
+
+
+def original_layout_checkpoint(path, model: torch.nn.Module) -> None:
+    """A [CLS]-KD release: timm ViT keys + ``projector.*``, DeiT's entries, ``args`` a Namespace."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': {'t_initial': 300},
+        'epoch': 299,
+        'model_ema': model.state_dict(),
+        'scaler': {},
+        'args': argparse.Namespace(model='deit_tiny_patch16_224', lr=5e-4, s_id=[0, 1], output_dir='/x'),
+    }, path)
+
+
+def test_clskd_test_command_evaluates_original_checkpoint(shapes, tmp_path):
+    student = timm.create_model('deit_tiny_patch16_224', num_classes=1000)
+    student.projector = torch.nn.Sequential()
+    student.projector.fc1 = torch.nn.Linear(192, 480)
+    student.projector.fc2 = torch.nn.Linear(480, 768)
+    checkpoint = tmp_path / 'deit_base_to_tiny_75.1.pth'
+    original_layout_checkpoint(checkpoint, student)
+
+    argv = main_argv(CLSKD_TEST, output_dir=tmp_path / 'out', dataset_dir=shapes,
+                     path_of_teacher_checkpoint=tmp_path / 'absent-teacher.pth',
+                     path_of_distilled_model=checkpoint)
+    result = run_main(argv + ['--device', 'cpu', '--num_workers', '0'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    acc1, acc5, loss = map(float, DEIT_LINE.search(result.stdout).groups())
+
+    # The same checkpoint evaluated directly must give the same numbers: the weights really were loaded.
+    args = main.get_args_parser().parse_args(argv + ['--device', 'cpu'])
+    val, _ = datasets.build_dataset(False, args)
+    loader = torch.utils.data.DataLoader(val, batch_size=64)
+    del student.projector
+    stats = engine.evaluate(loader, student, torch.device('cpu'))
+    assert (acc1, acc5) == (round(stats['acc1'], 3), round(stats['acc5'], 3))
+    assert loss == pytest.approx(stats['loss'], abs=1e-3)
+
+
+def test_eval_without_projector_flags_skips_projector_keys(shapes, tmp_path):
+    student = timm.create_model('deit_tiny_patch16_224', num_classes=1000)
+    state = student.state_dict()
+    state['projector.fc1.weight'] = torch.zeros(480, 192)
+    torch.save({'model': state}, tmp_path / 'ckpt.pth')
+    result = run_main(['--eval', '--model', 'deit_tiny_patch16_224', '--data-path', str(shapes),
+                       '--resume', str(tmp_path / 'ckpt.pth'), '--device', 'cpu', '--num_workers', '0'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'the projector is only used in training' in result.stdout
+    assert DEIT_LINE.search(result.stdout)
