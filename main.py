@@ -407,7 +407,8 @@ def main(args) -> int:
                 sys.stderr.write(f'Preempted: saved {last_checkpoint}; exiting with code {EXIT_REQUEUE} '
                                  'to be requeued\n')
             return EXIT_REQUEUE
-        lr_scheduler.step(epoch + 1)
+        # As DeiT (and so the papers' runs): the schedule is stepped with the finished epoch's index.
+        lr_scheduler.step(epoch)
         test_stats = evaluate(loader_val, model, device, precision, args.print_freq)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
         is_best = test_stats['acc1'] > max_accuracy
