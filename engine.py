@@ -1,10 +1,12 @@
 """The training and evaluation loops; ``compute_losses`` is the one forward pass both the loop and tests use."""
 import contextlib
 import math
+import time
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import utils
 from losses import DistillationCriterion
@@ -24,7 +26,8 @@ def compute_losses(
     student = utils.unwrap_model(model)
     teacher_logits, teacher_tokens = None, []
     if teacher is not None:
-        with torch.no_grad():
+        # Inference mode: no autograd bookkeeping at all for the frozen teacher, the step's largest forward.
+        with torch.inference_mode():
             teacher_logits = teacher(samples)
         teacher_tokens = captured_tokens(teacher)
     outputs = model(samples)
@@ -89,16 +92,13 @@ def train_one_epoch(
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with precision.autocast():
-            terms = compute_losses(model, teacher, criterion, samples, targets)
+        terms = training_step(model, teacher, criterion, optimizer, precision, samples, targets, max_norm)
+        # One host sync for all terms; a non-finite loss stops before anything is saved from this step.
         names = list(terms)
         values = torch.stack([terms[k].detach().float() for k in names]).tolist()
         if not math.isfinite(values[names.index('loss')]):
             detail = ', '.join(f'{k}={v:.6g}' for k, v in zip(names, values))
             raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {step}: {detail}')
-
-        optimizer.zero_grad(set_to_none=True)
-        precision.backward_and_step(terms['loss'], optimizer, model.parameters(), max_norm)
         if model_ema is not None:
             model_ema.update(model)
 
@@ -140,3 +140,72 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count}
     print('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
     return stats
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large ``torch.mm`` on ``device`` in ``dtype``: the machine's practical matmul peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def training_step(model, teacher, criterion, optimizer, precision: Precision, samples, targets,
+                  max_norm: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """The step of ``train_one_epoch``: losses under autocast, backward, optional clipping, optimizer step."""
+    with precision.autocast():
+        terms = compute_losses(model, teacher, criterion, samples, targets)
+    optimizer.zero_grad(set_to_none=True)
+    precision.backward_and_step(terms['loss'], optimizer, model.parameters(), max_norm)
+    return terms
+
+
+def benchmark(model, teacher, criterion, optimizer, precision: Precision, device: torch.device,
+              batch_size: int, input_size: int, num_classes: int, steps: int, warmup: int,
+              peak_flops: Optional[float] = None, mixup_fn=None, matmul_size: int = 4096) -> dict[str, float]:
+    """Time the real training step on synthetic batches; FLOPs come from ``FlopCounterMode``.
+
+    MFU is the step's model FLOP/s over ``peak_flops`` (a GPU's dense peak for the AMP dtype), or, when that
+    is not given, over this machine's measured matmul rate in the step's dtype.
+    """
+    model.train()
+    samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    targets = torch.randint(0, num_classes, (batch_size,), device=device)
+    if mixup_fn is not None:
+        samples, targets = mixup_fn(samples, targets)
+    for _ in range(warmup):
+        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+    flops_per_step = counter.get_total_flops()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    if peak_flops is None:
+        peak_flops = peak_matmul_flops(device, precision.dtype if precision.enabled else torch.float32,
+                                       matmul_size)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else float('nan')
+    return {
+        'images_per_s': batch_size / seconds,
+        'ms_per_step': 1000 * seconds,
+        'peak_memory_gib': memory / 2 ** 30,
+        'gflops_per_image': flops_per_step / batch_size / 1e9,
+        'achieved_tflops': flops_per_step / seconds / 1e12,
+        'peak_tflops': peak_flops / 1e12,
+        'mfu': flops_per_step / seconds / peak_flops,
+    }

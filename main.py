@@ -7,11 +7,12 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-import signal
 import torch
 from timm.data import Mixup
 from timm.layers import resample_abs_pos_embed
@@ -22,9 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import utils
 from datasets import build_dataset
-from engine import NonFiniteLossError, Precision, evaluate, train_one_epoch
+from engine import NonFiniteLossError, Precision, benchmark, evaluate, train_one_epoch
 from losses import build_criterion
-from models import create_student, create_teacher, load_weights
+from models import build_teacher, check_token_shapes, create_student, create_teacher, load_weights
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -36,6 +37,7 @@ BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
 PROJECTOR_PREFIX = 'projector.'
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_PEER_FAILURE = 4
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, the job should be run again
 
 
@@ -171,10 +173,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--print-freq', default=10, type=int)
     group.add_argument('--log-dir', default='', help='TensorBoard log directory (needs tensorboard)')
 
+    group = parser.add_argument_group('Benchmark')
+    group.add_argument('--benchmark', action='store_true',
+                       help='time the training step on synthetic batches and print images/s, memory and MFU')
+    group.add_argument('--benchmark-steps', default=10, type=int, help='timed steps')
+    group.add_argument('--benchmark-warmup', default=3, type=int, help='untimed steps first')
+    group.add_argument('--peak-tflops', default=None, type=float,
+                       help="the device's dense peak for MFU (default: a GPU's known bf16/fp16 peak; "
+                            "on a CPU the measured fp32 matmul rate)")
+
     group = parser.add_argument_group('Distributed')
     group.add_argument('--distributed', action='store_true')
     group.add_argument('--world_size', default=1, type=int)
     group.add_argument('--dist_url', default='env://')
+    group.add_argument('--dist-port', default=None, type=int,
+                       help='rendezvous port when MASTER_PORT is unset (SLURM; default: derived from SLURM_JOB_ID)')
     group.add_argument('--dist-timeout', default=30, type=float, help='process-group timeout in minutes')
     group.add_argument('--local_rank', '--local-rank', default=0, type=int)
     return parser
@@ -189,7 +202,7 @@ def validate_args(args) -> None:
             raise UserError(f'--s-id has {len(args.s_id)} blocks but --t-id has {len(args.t_id)}: they are paired')
     if args.K < 1:
         raise UserError(f'--K {args.K}: the random relation term needs at least 1 token')
-    if not args.eval and args.distillation_type != 'none':
+    if not args.eval and args.distillation_type != 'none' and (args.teacher_path or not args.benchmark):
         if not args.teacher_path:
             raise UserError('--teacher-path is required when --distillation-type is not none')
         if not args.teacher_path.startswith('https://') and not os.path.isfile(args.teacher_path):
@@ -294,7 +307,8 @@ class PreemptionFlag:
         sys.stderr.write(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step\n')
 
     def __call__(self) -> bool:
-        return self.signal is not None
+        # Every rank must stop at the same step, or the others would wait in the next all-reduce.
+        return utils.any_rank(self.signal is not None)
 
 
 def checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision, args,
@@ -308,11 +322,70 @@ def checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_em
         'scaler': precision.scaler.state_dict(),
         'args': args,
         'max_accuracy': max_accuracy,
+        # Every rank's RNGs, so that a resumed run draws the same data order, augmentations and drop paths.
+        'rng_states': utils.gather_rng_states(),
     }
+
+
+# Dense tensor-core peaks (TFLOP/s, bf16 = fp16) by device name; MFU is measured against these.
+GPU_DENSE_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10G': 125.0}
+BENCHMARK_NUM_CLASSES = 1000
+
+
+def build_mixup(args) -> Optional[Mixup]:
+    """DeiT's mixup/cutmix (with label smoothing folded into the soft targets), when either is on."""
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    return None
+
+
+def gpu_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_DENSE_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def run_benchmark(args) -> int:
+    """``--benchmark``: the real training step (losses, backward, optimizer) on synthetic batches."""
+    device = torch.device(args.device)
+    utils.seed_everything(args.seed)
+    args.nb_classes = BENCHMARK_NUM_CLASSES
+    teacher = None
+    if args.distillation_type != 'none':
+        if args.teacher_path:
+            teacher = create_teacher(args)
+        else:
+            print('Benchmark: no --teacher-path, the teacher keeps random weights (speed does not depend on them)')
+            teacher = build_teacher(args)
+        teacher.to(device)
+    model = create_student(args, teacher).to(device)
+    optimizer = create_optimizer(args, model)
+    precision = Precision(device, args.amp, amp_dtype(args, device))
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
+    stats = benchmark(model, teacher, build_criterion(args), optimizer, precision, device, args.batch_size,
+                      args.input_size, args.nb_classes, args.benchmark_steps, args.benchmark_warmup, peak,
+                      mixup_fn=build_mixup(args))
+    peak_source = 'given peak' if args.peak_tflops else ('dense peak' if peak else 'measured matmul rate')
+    print(f'Benchmark {args.model} <- {args.teacher_model if teacher is not None else "no teacher"} '
+          f'| device {device.type} | {str(precision.dtype).replace("torch.", "")} | batch {args.batch_size} '
+          f'| {args.input_size} px')
+    print(f'  {stats["images_per_s"]:.1f} images/s, {stats["ms_per_step"]:.1f} ms/step, '
+          f'peak memory {stats["peak_memory_gib"]:.2f} GiB, {stats["gflops_per_image"]:.2f} GFLOPs/image, '
+          f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
+          f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
+    return 0
 
 
 def main(args) -> int:
     validate_args(args)
+    if args.benchmark:
+        return run_benchmark(args)
     device = torch.device(args.device)
     utils.seed_everything(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
@@ -321,11 +394,7 @@ def main(args) -> int:
     dataset_val, _ = build_dataset(is_train=False, args=args)
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
 
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    mixup_fn = build_mixup(args)
 
     teacher = None
     if args.distillation_type != 'none' and not args.eval:
@@ -339,16 +408,20 @@ def main(args) -> int:
     if args.finetune:
         load_finetune(args, model)
     model.to(device)
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+    if teacher is not None:
+        check_token_shapes(args, model, teacher, device)
 
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
+
+    # After DDP has broadcast rank 0's weights, so that every rank's EMA starts from the same model.
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
+                               device='cpu' if args.model_ema_force_cpu else None)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 
@@ -379,6 +452,9 @@ def main(args) -> int:
             if checkpoint.get('scaler'):
                 precision.scaler.load_state_dict(checkpoint['scaler'])
             max_accuracy = checkpoint.get('max_accuracy', 0.0)
+            if not utils.restore_rng_states(checkpoint.get('rng_states')):
+                print(f'Note: {args.resume} has no RNG states for {utils.get_world_size()} processes; '
+                      'the data order and augmentations continue from --seed')
             print(f'Resumed from {args.resume} at epoch {args.start_epoch}')
 
     if args.eval:
@@ -447,6 +523,17 @@ def make_tensorboard_writer(args):
     return SummaryWriter(log_dir=os.path.join(args.log_dir, args.exp_name))
 
 
+# What the gloo and NCCL backends say when a peer process died or a collective timed out.
+PEER_FAILURE_MESSAGES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'timed out',
+                         'Timed out', 'NCCL communicator was aborted', 'Socket Timeout')
+
+
+def is_peer_failure(err: RuntimeError) -> bool:
+    if not utils.is_dist_avail_and_initialized():
+        return False
+    return isinstance(err, torch.distributed.DistError) or any(m in str(err) for m in PEER_FAILURE_MESSAGES)
+
+
 def run(argv=None) -> int:
     """Command-line entry: user errors end with one line and exit code 2, no traceback."""
     parser = argparse.ArgumentParser('[CLS]-KD / Manifold Distillation', parents=[get_args_parser()])
@@ -461,6 +548,13 @@ def run(argv=None) -> int:
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {err}. The last good checkpoint is kept.\n')
         return EXIT_NON_FINITE
+    except RuntimeError as err:
+        if not is_peer_failure(err):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sys.stderr.write(f'error: rank {utils.get_rank()}: another process died or did not answer within '
+                         f'--dist-timeout {args.dist_timeout:g} min ({reason}); exiting\n')
+        return EXIT_PEER_FAILURE
 
 
 if __name__ == '__main__':

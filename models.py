@@ -176,15 +176,42 @@ def create_teacher(args) -> nn.Module:
     capturing the ``--t-id`` blocks. Teachers classify from [CLS] (no ``global_pool='avg'``)."""
     if not args.teacher_path:
         raise UserError('--teacher-path is required when --distillation-type is not none')
-    state_dict = teacher_state_dict(utils.load_checkpoint(args.teacher_path))
+    return build_teacher(args, teacher_state_dict(utils.load_checkpoint(args.teacher_path)))
+
+
+def build_teacher(args, state_dict: Optional[dict] = None) -> nn.Module:
+    """A frozen, token-capturing teacher; with ``state_dict=None`` its weights stay random (benchmarks)."""
     name = args.teacher_model
-    if name in LEGACY_VARIANTS and TNT_NEW_LAYOUT_KEY not in state_dict:
+    if state_dict is not None and name in LEGACY_VARIANTS and TNT_NEW_LAYOUT_KEY not in state_dict:
         name = LEGACY_VARIANTS[name]
     model = build_model(name, '--teacher-model', num_classes=args.nb_classes, img_size=args.input_size)
-    if name.startswith('tnt_'):
-        state_dict = timm.models.tnt.checkpoint_filter_fn(state_dict, model)
-    load_weights(model, state_dict, args.teacher_path, '--teacher-path', f'--teacher-model {args.teacher_model}')
+    if state_dict is not None:
+        if name.startswith('tnt_'):
+            state_dict = timm.models.tnt.checkpoint_filter_fn(state_dict, model)
+        load_weights(model, state_dict, args.teacher_path, '--teacher-path', f'--teacher-model {args.teacher_model}')
     model.eval().requires_grad_(False)
     if feature_distillation(args):
         attach_token_capture(model, args.t_id, '--t-id')
     return model
+
+
+def check_token_shapes(args, student: nn.Module, teacher: nn.Module, device: torch.device) -> None:
+    """One blank image through both models: the captured token counts must fit the active feature terms.
+
+    Manifold slices ``e = N_s - N_t`` leading student tokens (``e >= 0``); the attention and norm terms compare
+    token maps position by position, so they need ``N_s == N_t``.
+    """
+    if not feature_distillation(args):
+        return
+    image = torch.zeros(1, 3, args.input_size, args.input_size, device=device)
+    with torch.inference_mode():
+        teacher(image)
+        student(image)
+    tokens_t, tokens_s = captured_tokens(teacher)[0].shape[1], captured_tokens(student)[0].shape[1]
+    models = f'--model {args.model} has {tokens_s} tokens per block, --teacher-model {args.teacher_model} {tokens_t}'
+    if args.manifold and tokens_s < tokens_t:
+        raise UserError(f'{models}: the Manifold terms need at least as many student tokens (--no-manifold)')
+    if args.w_atn > 0 and tokens_s != tokens_t:
+        raise UserError(f'{models}: --w-atn needs equal token counts')
+    if args.norm_distill and tokens_s != tokens_t:
+        raise UserError(f'{models}: --norm-distill needs equal token counts')

@@ -28,7 +28,7 @@ __all__ = [
     'all_reduce_mean',
     'SmoothedValue', 'MetricLogger',
     'save_checkpoint', 'save_on_master', 'load_checkpoint', 'strip_prefix', 'unwrap_model',
-    'seed_everything', 'format_seconds',
+    'seed_everything', 'rng_state', 'set_rng_state', 'gather_rng_states', 'restore_rng_states', 'format_seconds',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -110,6 +110,15 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.item() / world_size
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (identity when not distributed)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor(float(flag), device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _expand_host_pattern(pattern: str) -> List[str]:
@@ -589,3 +598,47 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     # torch.manual_seed already seeds every CUDA device, so no separate cuda call is needed.
     torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's Python, numpy and torch (CPU and CUDA) RNG states.
+
+    Only tensors and plain Python values, so that ``load_checkpoint`` (weights-only) reads them back.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                  'cached_gaussian': float(cached_gaussian)},
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned; CUDA states are restored only onto as many devices."""
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    np_state = state['numpy']
+    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's ``rng_state()``, in rank order (collective: call it on all ranks)."""
+    states: List[Any] = [None] * get_world_size()
+    if len(states) == 1:
+        return [rng_state()]
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(states: Optional[List[Dict[str, Any]]]) -> bool:
+    """Restore this rank's entry of ``gather_rng_states()``; False (nothing done) when the world size differs."""
+    if not states or len(states) != get_world_size():
+        return False
+    set_rng_state(states[get_rank()])
+    return True

@@ -110,3 +110,10 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert 'Traceback' not in result.stderr and str(tmp_path / 'none') in result.stderr
     assert os.path.basename(str(tmp_path)) in result.stderr
+
+
+def test_teacher_tokens_that_do_not_fit_the_attention_term(shapes, tiny_teacher, capsys):
+    # A distilled student has one token more than a DeiT teacher: the CLS-patch maps cannot be compared.
+    argv = (['--data-path', str(shapes), '--teacher-path', str(tiny_teacher)] + MANIFOLD + FAST
+            + ['--model', 'deit_tiny_distilled_patch16_224', '--w-atn', '1'])
+    fails_with(argv, capsys, '--w-atn needs equal token counts', '6 tokens', '5')

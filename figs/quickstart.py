@@ -1,0 +1,306 @@
+"""Quickstart: a teacher and four students on the built-in shapes data set, on a CPU, in minutes.
+
+Trains a teacher, then four students with the same budget (no teacher, DeiT soft KD, Manifold Distillation,
+[CLS]-KD + Manifold), each as a ``python main.py ...`` process (the code path of ImageNet training), and
+writes ``results.md``, ``accuracy.png``, ``losses.png`` and ``commands.sh`` to ``--out``::
+
+    python figs/quickstart.py --out runs/quickstart
+    python figs/quickstart.py --out runs/quickstart-smoke --smoke   # the same pipeline, tiny budget
+
+Finished runs are reused when the command is repeated with the same settings.
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only: no display is needed (servers, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+
+from plot_logs import plot_logs, read_log  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS_NAME = 'quickstart.json'
+RESULTS_NAME = 'results.md'
+ACCURACY_FIGURE = 'accuracy.png'
+LOSSES_FIGURE = 'losses.png'
+COMMANDS_NAME = 'commands.sh'
+STDOUT_NAME = 'stdout.txt'
+DATA_DIR_NAME = 'shapes'
+CHECKPOINT_NAME = 'checkpoint.pth'
+EXIT_FAILED = 1
+FAILURE_TAIL_LINES = 20  # of main.py's output, shown when a run fails
+
+# The budget: measured to finish in under 10 minutes on a 2-core CPU.
+TEACHER_MODEL = 'deit_small_patch16_224'
+STUDENT_MODEL = 'deit_tiny_patch16_224'
+INPUT_SIZE = 32
+TRAIN_PER_CLASS = 60
+VAL_PER_CLASS = 30
+TEACHER_EPOCHS = 12
+STUDENT_EPOCHS = 6
+BATCH_SIZE = 64
+LR = 1e-3
+WARMUP_EPOCHS = 1
+NUM_WORKERS = 0
+
+# --smoke: every step of the pipeline, on a few images for one epoch (tests).
+SMOKE_TRAIN_PER_CLASS = 2
+SMOKE_VAL_PER_CLASS = 1
+SMOKE_EPOCHS = 1
+SMOKE_BATCH_SIZE = 8
+
+# The layer pairs and weights of the papers' README commands (12-block student and teacher).
+LAYER_IDS = (0, 1, 2, 3, 8, 9, 10, 11)
+MANIFOLD_FLAGS = ('--w-sample', '0.1', '--w-patch', '4', '--w-rand', '0.2', '--K', '192')
+CLSKD_FLAGS = ('--w-cls', '1.0', '--w-atn', '2.0', '--last-w', '4.0')
+
+# Same for every run. The model EMA is never evaluated, so it is skipped to save time.
+COMMON_FLAGS = ('--data-set', 'SHAPES', '--device', 'cpu', '--no-model-ema', '--unscale-lr')
+
+TEACHER_COLOUR = 'tab:gray'
+STUDENT_COLOUR = 'tab:blue'
+BEST_COLOUR = 'tab:orange'
+BAR_WIDTH = 0.38
+FIGURE_SIZE = (8.0, 4.0)
+DPI = 120
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``main.py`` training run of the quickstart."""
+    name: str
+    method: str
+    teacher: str  # '-' when no teacher is used
+    model: str
+    epochs: int
+    flags: tuple[str, ...]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='runs/quickstart', help='folder for the runs, results.md and figures')
+    parser.add_argument('--smoke', action='store_true',
+                        help=f'tiny budget ({SMOKE_EPOCHS} epoch, a few images): checks the pipeline only')
+    parser.add_argument('--teacher-model', default=TEACHER_MODEL)
+    parser.add_argument('--model', default=STUDENT_MODEL, help='the student')
+    parser.add_argument('--teacher-epochs', type=int, default=None, help=f'default {TEACHER_EPOCHS}')
+    parser.add_argument('--epochs', type=int, default=None, help=f'every student; default {STUDENT_EPOCHS}')
+    parser.add_argument('--batch-size', type=int, default=None, help=f'default {BATCH_SIZE}')
+    parser.add_argument('--lr', type=float, default=LR, help='the learning rate itself (not scaled by batch)')
+    parser.add_argument('--warmup-epochs', type=int, default=WARMUP_EPOCHS)
+    parser.add_argument('--input-size', type=int, default=INPUT_SIZE, help='also the size the images are drawn at')
+    parser.add_argument('--train-per-class', type=int, default=None, help=f'default {TRAIN_PER_CLASS}')
+    parser.add_argument('--val-per-class', type=int, default=None, help=f'default {VAL_PER_CLASS}')
+    parser.add_argument('--s-id', nargs='+', type=int, default=list(LAYER_IDS), help='student blocks distilled')
+    parser.add_argument('--t-id', nargs='+', type=int, default=list(LAYER_IDS), help='teacher blocks, paired')
+    parser.add_argument('--num-workers', type=int, default=NUM_WORKERS)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--verbose', action='store_true', help="show all of main.py's output")
+    return parser
+
+
+def resolve_budget(args: argparse.Namespace) -> None:
+    """Fill the flags left unset with the full or the --smoke budget."""
+    budget = {
+        'teacher_epochs': (TEACHER_EPOCHS, SMOKE_EPOCHS),
+        'epochs': (STUDENT_EPOCHS, SMOKE_EPOCHS),
+        'batch_size': (BATCH_SIZE, SMOKE_BATCH_SIZE),
+        'train_per_class': (TRAIN_PER_CLASS, SMOKE_TRAIN_PER_CLASS),
+        'val_per_class': (VAL_PER_CLASS, SMOKE_VAL_PER_CLASS),
+    }
+    for name, (full, smoke) in budget.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+
+
+def plan_runs(args: argparse.Namespace, out: Path) -> list[Run]:
+    """The teacher, then the four students; students differ only in their distillation flags."""
+    teacher_path = out / 'teacher' / CHECKPOINT_NAME
+    distill = ('--teacher-model', args.teacher_model, '--teacher-path', str(teacher_path),
+               '--distillation-type', 'soft')
+    layers = ('--s-id', *map(str, args.s_id), '--t-id', *map(str, args.t_id))
+    return [
+        Run('teacher', 'teacher (from scratch)', '-', args.teacher_model, args.teacher_epochs,
+            ('--distillation-type', 'none')),
+        Run('no_teacher', 'no teacher', '-', args.model, args.epochs, ('--distillation-type', 'none')),
+        Run('deit_soft', 'DeiT soft KD', args.teacher_model, args.model, args.epochs, distill),
+        Run('manifold', 'Manifold', args.teacher_model, args.model, args.epochs,
+            distill + layers + MANIFOLD_FLAGS),
+        Run('clskd_manifold', '[CLS]-KD + Manifold', args.teacher_model, args.model, args.epochs,
+            distill + layers + MANIFOLD_FLAGS + CLSKD_FLAGS),
+    ]
+
+
+def main_command(run: Run, args: argparse.Namespace, data_path: Path, out: Path) -> list[str]:
+    """The ``python main.py ...`` command line of one run."""
+    return [
+        sys.executable, 'main.py', *COMMON_FLAGS,
+        '--data-path', str(data_path), '--output_dir', str(out / run.name),
+        '--model', run.model, '--input-size', str(args.input_size), '--epochs', str(run.epochs),
+        '--batch-size', str(args.batch_size), '--lr', str(args.lr), '--warmup-epochs', str(args.warmup_epochs),
+        '--num_workers', str(args.num_workers), '--seed', str(args.seed), *run.flags,
+    ]
+
+
+def is_progress_line(line: str) -> bool:
+    """The DeiT progress lines worth showing by default: steps with ETA, accuracy, total time."""
+    return line.startswith(('Epoch:', 'Test:', '* Acc@1', 'Max accuracy', 'Training time', 'error'))
+
+
+def run_main(run: Run, command: list[str], run_dir: Path, verbose: bool) -> float:
+    """Run one ``main.py`` process, echoing its progress; returns its wall time in seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f'\n=== {run.method}: {run.model}, {run.epochs} epochs ===\n{shlex.join(command)}', flush=True)
+    start = time.perf_counter()
+    with (run_dir / STDOUT_NAME).open('w') as log, subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if verbose or is_progress_line(line):
+                print(f'[{run.name}] {line}', end='', flush=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        if not verbose:
+            tail = (run_dir / STDOUT_NAME).read_text().splitlines()[-FAILURE_TAIL_LINES:]
+            print('\n'.join(f'[{run.name}] {line}' for line in tail), flush=True)
+        raise RuntimeError(f'{run.name} failed with exit code {proc.returncode}; see {run_dir / STDOUT_NAME}')
+    return seconds
+
+
+def is_finished(run: Run, run_dir: Path) -> bool:
+    log = run_dir / 'log.txt'
+    return log.is_file() and len(read_log(log)) >= run.epochs
+
+
+def load_settings(out: Path, settings: dict) -> dict:
+    """Wall times of the finished runs of an earlier quickstart in ``out`` with the same settings."""
+    path = out / SETTINGS_NAME
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get('settings') != settings:
+        changed = sorted(k for k in settings if saved.get('settings', {}).get(k) != settings[k])
+        raise ValueError(f'{out} holds a quickstart with other settings ({", ".join(changed)}): '
+                         'use another --out or delete it')
+    return saved.get('seconds', {})
+
+
+def summarise(runs: Sequence[Run], out: Path, seconds: dict) -> list[dict]:
+    rows = []
+    for run in runs:
+        log = read_log(out / run.name / 'log.txt')
+        accuracy = [epoch['test_acc1'] for epoch in log]
+        rows.append({'run': run, 'final': accuracy[-1], 'best': max(accuracy), 'seconds': seconds[run.name]})
+    return rows
+
+
+def count_images(folder: Path) -> tuple[int, int]:
+    """``(images, classes)`` of an ImageFolder split."""
+    classes = [c for c in folder.iterdir() if c.is_dir()]
+    return sum(1 for c in classes for f in c.iterdir() if f.is_file()), len(classes)
+
+
+def write_results(rows: Sequence[dict], args: argparse.Namespace, data_path: Path, path: Path) -> None:
+    """The results table as markdown, under a line that says what was trained on."""
+    train_images, classes = count_images(data_path / 'train')
+    val_images, _ = count_images(data_path / 'val')
+    lines = [
+        '| method | teacher | student | epochs | final Acc@1 | best Acc@1 | train time |',
+        '| --- | --- | --- | ---: | ---: | ---: | ---: |',
+    ]
+    for row in rows:
+        run = row['run']
+        lines.append(f'| {run.method} | {run.teacher} | {run.model} | {run.epochs} | {row["final"]:.1f} '
+                     f'| {row["best"]:.1f} | {row["seconds"]:.0f} s |')
+    header = (f'Shapes data set: {train_images} training and {val_images} validation images of '
+              f'{args.input_size}x{args.input_size} px, {classes} classes; batch {args.batch_size}, '
+              f'lr {args.lr:g}. Acc@1 in % on the validation images; train time is the wall time of the '
+              'main.py process.')
+    path.write_text('\n'.join([header, ''] + lines) + '\n')
+
+
+def plot_accuracy(rows: Sequence[dict], path: Path) -> None:
+    """Final and best Acc@1 per method, the teacher in grey."""
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    positions = range(len(rows))
+    for i, row in enumerate(rows):
+        colour = TEACHER_COLOUR if row['run'].name == 'teacher' else STUDENT_COLOUR
+        final = ax.bar(i - BAR_WIDTH / 2, row['final'], BAR_WIDTH, color=colour)
+        best = ax.bar(i + BAR_WIDTH / 2, row['best'], BAR_WIDTH, color=BEST_COLOUR)
+        ax.bar_label(final, fmt='%.1f', fontsize='small')
+        ax.bar_label(best, fmt='%.1f', fontsize='small')
+    ax.set_xticks(list(positions), [f"{r['run'].method}\n{r['run'].model.split('_patch')[0]}" for r in rows],
+                  fontsize='small')
+    ax.set_ylabel('Acc@1 (%)')
+    ax.set_ylim(0, max(100.0, *(r['best'] for r in rows)) * 1.08)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in (STUDENT_COLOUR, TEACHER_COLOUR, BEST_COLOUR)],
+              labels=['final (student)', 'final (teacher)', 'best epoch'], fontsize='small', loc='upper right')
+    ax.set_title(f"Shapes, {rows[-1]['run'].epochs} student epochs: accuracy per method")
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def make_data(args: argparse.Namespace, data_path: Path) -> None:
+    """Draw the shapes data set at the input size (small inputs are used as they are, not rescaled)."""
+    subprocess.run([sys.executable, 'datasets.py', '--make-shapes', str(data_path),
+                    '--train-per-class', str(args.train_per_class), '--val-per-class', str(args.val_per_class),
+                    '--image-size', str(args.input_size), '--seed', str(args.seed)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    resolve_budget(args)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / DATA_DIR_NAME
+    runs = plan_runs(args, out)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ('out', 'verbose', 'num_workers')}
+    seconds = load_settings(out, settings)
+
+    make_data(args, data_path)
+    commands = {run.name: main_command(run, args, data_path, out) for run in runs}
+    (out / COMMANDS_NAME).write_text('\n'.join(shlex.join(['python', *c[1:]]) for c in commands.values()) + '\n')
+    for run in runs:
+        run_dir = out / run.name
+        if run.name in seconds and is_finished(run, run_dir):
+            print(f'{run.method}: finished earlier in {run_dir}, reused')
+            continue
+        seconds[run.name] = run_main(run, commands[run.name], run_dir, args.verbose)
+        (out / SETTINGS_NAME).write_text(json.dumps({'settings': settings, 'seconds': seconds}, indent=1) + '\n')
+
+    rows = summarise(runs, out, seconds)
+    write_results(rows, args, data_path, out / RESULTS_NAME)
+    plot_accuracy(rows, out / ACCURACY_FIGURE)
+    students = [run for run in runs if run.name != 'teacher']
+    plot_logs([out / run.name / 'log.txt' for run in students], out / LOSSES_FIGURE,
+              labels=[run.method for run in students],
+              title=f'Students ({args.model}), teacher {args.teacher_model}: per-epoch loss terms')
+    print('\n' + (out / RESULTS_NAME).read_text())
+    for name in (RESULTS_NAME, ACCURACY_FIGURE, LOSSES_FIGURE, COMMANDS_NAME):
+        print(f'wrote {out / name}')
+    print(f'quickstart wall time: {time.perf_counter() - start:.0f} s')
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return quickstart(args)
+    except (RuntimeError, ValueError, subprocess.CalledProcessError) as err:
+        sys.stderr.write(f'error: {err}\n')
+        return EXIT_FAILED
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Distributed launches for real, on the CPU with gloo: torch.distributed.launch, torchrun (one and two nodes), SLURM.
+
+Every launch runs the real training or evaluation of main.py in separate processes. ``rank_checkpoints.py`` is
+main.py with one addition, every rank saving its own state, so that the ranks can be compared after training.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import datasets
+import main
+from helpers import CLSKD_TRAIN, REPO, main_argv, save_teacher
+from samplers import RASampler
+
+WORLD_SIZE = 2
+IMAGE_SIZE = 32
+TRAIN_PER_CLASS = 2
+LAUNCH_TIMEOUT_S = 300
+PROBE = 'tests/rank_checkpoints.py'
+# Tiny, CPU-only, single-threaded runs: two processes share the machine's cores.
+SMALL_RUN = ['--input-size', str(IMAGE_SIZE), '--num_workers', '0', '--device', 'cpu', '--print-freq', '1']
+# A tiny student and a wider teacher, so that the [CLS]-KD projector exists and is trained.
+FEATURE_KD = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_small_patch16_224',
+              '--distillation-type', 'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '1',
+              '--batch-size', '4', '--warmup-epochs', '0', '--seed', '0']
+# Variables of an outer launcher that would redirect the launches under test.
+LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK')
+LAUNCHER_PREFIXES = ('SLURM_', 'PET_', 'TORCHELASTIC_')
+ACC_LINE = re.compile(r'^\* Acc@1 \d+\.\d{3} Acc@5 \d+\.\d{3} loss \d+\.\d{3}$', re.M)
+# Eval set: an odd number of images and classes, so that the shards are uneven and Acc@5 is not trivially 100.
+EVAL_CLASSES = 13
+HEAD_SCALE = 0.3  # logits a few units apart, so that a miscounted image moves the loss in its third decimal
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict:
+    """This environment without any launcher's variables, single-threaded, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **extra)
+    return env
+
+
+def launch(command: list[str], env: dict = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env or launch_env(), capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def torchrun(*launcher_args: str) -> list[str]:
+    """``torchrun ...`` as ``python -m torch.distributed.run ...``, so that it uses this interpreter."""
+    return ['-m', 'torch.distributed.run', *launcher_args]
+
+
+def rank_states(out: Path) -> list[dict]:
+    return [torch.load(out / f'rank{r}-checkpoint.pth', weights_only=False) for r in range(WORLD_SIZE)]
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f'{what} differs between ranks: {differ[:5]}'
+
+
+def assert_ranks_in_sync(states: list[dict]) -> None:
+    """Model (projector included), EMA and optimizer state are identical on every rank, and training moved them."""
+    first = states[0]
+    projector = [k for k in first['model'] if k.startswith('projector.')]
+    assert projector, 'the student has no projector: the run does not test its gradient reduction'
+    for other in states[1:]:
+        assert_same_tensors(first['model'], other['model'], 'model')
+        assert_same_tensors(first['model_ema'], other['model_ema'], 'model_ema')
+        assert first['optimizer']['state'].keys() == other['optimizer']['state'].keys()
+        for index, state in first['optimizer']['state'].items():
+            assert_same_tensors(state, other['optimizer']['state'][index], f'optimizer state {index}')
+    # The EMA (decay ~1) stays near the initial weights: the projector moved away from them, so it was trained.
+    assert all(not torch.equal(first['model'][k], first['model_ema'][k]) for k in projector)
+
+
+def assert_sampler_log(states: list[dict], train_size: int, epochs: int) -> None:
+    """Each epoch every rank's sampler was set to that epoch and dealt the RASampler positions of its rank."""
+    per_epoch = []
+    for rank, state in enumerate(states):
+        log = state['sampler_log']
+        assert [e['epoch'] for e in log] == [e['sampler_epoch'] for e in log] == list(range(epochs))
+        for entry in log:
+            sampler = RASampler(range(train_size), num_replicas=WORLD_SIZE, rank=rank, seed=0)
+            sampler.set_epoch(entry['epoch'])
+            assert entry['indices'] == list(sampler)
+        per_epoch.append([e['indices'] for e in log])
+    for epoch in range(epochs):
+        assert per_epoch[0][epoch] != per_epoch[1][epoch], 'both ranks were dealt the same samples'
+    assert per_epoch[0][0] != per_epoch[0][-1] or epochs == 1, 'the sample order did not change with the epoch'
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('shapes')
+    datasets.make_shapes_dataset(str(root), train_per_class=TRAIN_PER_CLASS, val_per_class=1, image_size=IMAGE_SIZE)
+    return root
+
+
+@pytest.fixture(scope='module')
+def train_size(shapes) -> int:
+    return sum(1 for _ in (shapes / 'train').rglob('*.png'))
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp('teacher') / 'deit_small.pth', 'deit_small_patch16_224',
+                        img_size=IMAGE_SIZE)
+
+
+def test_seed_launch_line_trains_and_rank0_writes(shapes, teacher, tmp_path):
+    """The papers' ``python -m torch.distributed.launch ... main.py --distributed ...`` line, on 2 processes."""
+    out = tmp_path / 'run'
+    argv = main_argv(CLSKD_TRAIN, output_dir=out, dataset_dir=shapes, path_of_teacher_checkpoint=teacher)
+    # The seeds' teacher is deit_base; deit_small keeps the run small and still needs the projector.
+    result = launch(['-m', 'torch.distributed.launch', f'--nproc_per_node={WORLD_SIZE}', f'--master_port={free_port()}',
+                     'main.py', *argv, '--teacher-model', 'deit_small_patch16_224', '--epochs', '1', *SMALL_RUN])
+    for rank in range(WORLD_SIZE):
+        assert f'| distributed init (rank {rank}): env://, backend gloo' in result.stdout
+    # Only rank 0 prints (the launcher passed --local-rank, which main.py accepts).
+    assert result.stdout.count('Start training for 1 epochs') == 1
+    assert len(ACC_LINE.findall(result.stdout)) == 1
+
+    log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [entry['epoch'] for entry in log] == [0], 'log.txt must be written once, by rank 0'
+    assert {'train_cls', 'train_atn', 'train_mf_rand', 'test_acc1'} <= set(log[0])
+    checkpoint = torch.load(out / main.CHECKPOINT_NAME, weights_only=False)
+    assert checkpoint['epoch'] == 0 and checkpoint['args'].world_size == WORLD_SIZE
+    assert 'projector.fc2.weight' in checkpoint['model']
+    assert not [p.name for p in out.iterdir() if '.tmp.' in p.name]
+
+
+def test_torchrun_keeps_ranks_identical(shapes, teacher, train_size, tmp_path):
+    """torchrun, 2 processes, 2 epochs: every rank ends with the same student, projector, EMA and optimizer."""
+    out = tmp_path / 'run'
+    epochs = 2
+    launch(torchrun(f'--nproc_per_node={WORLD_SIZE}', f'--master_port={free_port()}')
+           + [PROBE, '--distributed', '--data-path', str(shapes), '--teacher-path', str(teacher), '--output_dir',
+              str(out), '--epochs', str(epochs), *FEATURE_KD, *SMALL_RUN])
+    states = rank_states(out)
+    assert [s['epoch'] for s in states] == [epochs - 1] * WORLD_SIZE
+    assert_ranks_in_sync(states)
+    assert_sampler_log(states, train_size, epochs)
+    assert_same_tensors(states[0]['model'], torch.load(out / main.CHECKPOINT_NAME, weights_only=False)['model'],
+                        'checkpoint.pth and rank 0')
+
+
+def test_torchrun_two_nodes_keeps_ranks_identical(shapes, teacher, train_size, tmp_path):
+    """Two torchrun launches, one per "node", meeting at a rendezvous on localhost."""
+    out = tmp_path / 'run'
+    port = free_port()
+    procs = []
+    for node_rank in range(WORLD_SIZE):
+        command = torchrun('--nnodes=2', f'--node_rank={node_rank}', '--nproc_per_node=1',
+                           '--master_addr=127.0.0.1', f'--master_port={port}')
+        procs.append(subprocess.Popen(
+            [sys.executable, *command, PROBE, '--distributed', '--data-path', str(shapes), '--teacher-path',
+             str(teacher), '--output_dir', str(out), '--epochs', '1', *FEATURE_KD, *SMALL_RUN],
+            cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    states = rank_states(out)
+    assert_ranks_in_sync(states)
+    assert_sampler_log(states, train_size, 1)
+    assert states[0]['args'].world_size == WORLD_SIZE and states[1]['args'].rank == 1
+
+
+@pytest.fixture(scope='module')
+def eval_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """An odd-sized evaluation set and a student checkpoint whose predictions vary from image to image."""
+    root = tmp_path_factory.mktemp('eval')
+    data = datasets.make_shapes_dataset(str(root / 'shapes'), num_classes=EVAL_CLASSES, train_per_class=1,
+                                        val_per_class=1, image_size=IMAGE_SIZE)
+    torch.manual_seed(0)
+    model = timm.create_model('deit_tiny_patch16_224', num_classes=EVAL_CLASSES, img_size=IMAGE_SIZE)
+    with torch.no_grad():
+        model.head.weight.normal_(std=HEAD_SCALE)
+    torch.save({'model': model.state_dict()}, root / 'student.pth')
+    return Path(data), root / 'student.pth'
+
+
+def test_dist_eval_matches_one_process(eval_setup, capsys):
+    data, checkpoint = eval_setup
+    argv = ['--eval', '--resume', str(checkpoint), '--model', 'deit_tiny_patch16_224', '--data-set', 'SHAPES',
+            '--data-path', str(data), '--batch-size', '2', *SMALL_RUN]
+    result = launch(torchrun(f'--nproc_per_node={WORLD_SIZE}', f'--master_port={free_port()}')
+                    + ['main.py', '--dist-eval', *argv])
+    assert result.stdout.count('backend gloo') == WORLD_SIZE
+    distributed = ACC_LINE.findall(result.stdout)
+
+    assert main.run(argv) == 0
+    single = ACC_LINE.findall(capsys.readouterr().out)
+    assert len(distributed) == len(single) == 1
+    assert distributed == single
+    assert 'Acc@1 0.000 Acc@5 0.000' not in single[0] and 'Acc@5 100.000' not in single[0]
+
+
+def test_slurm_tasks_train_an_epoch(shapes, tmp_path):
+    """main.py started as srun starts it: SLURM variables only, the port from --dist-port."""
+    out = tmp_path / 'run'
+    port = free_port()
+    argv = ['main.py', '--data-path', str(shapes), '--output_dir', str(out), '--model', 'deit_tiny_patch16_224',
+            '--batch-size', '4', '--epochs', '1', '--dist-port', str(port), *SMALL_RUN]
+    procs = []
+    for rank in range(WORLD_SIZE):
+        env = launch_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(WORLD_SIZE),
+                         SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='127.0.0.1')
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, output[-3000:]
+        assert f'| distributed init (rank {rank}): env://, backend gloo' in output
+    assert ACC_LINE.search(outputs[0]) and not ACC_LINE.search(outputs[1])
+    log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [entry['epoch'] for entry in log] == [0]
+    args = torch.load(out / main.CHECKPOINT_NAME, weights_only=False)['args']
+    assert (args.world_size, args.dist_port, args.distributed) == (WORLD_SIZE, port, True)

@@ -1,0 +1,107 @@
+"""Faults injected into real runs: a NaN teacher, preemption signals, a dead rank. Nothing saved may be lost."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+import main
+import utils
+from helpers import REPO, make_shapes, run_main, save_teacher
+
+TINY = ['--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--num_workers', '0', '--input-size', '32',
+        '--batch-size', '4', '--no-model-ema', '--print-freq', '1']
+KD = ['--teacher-model', 'deit_tiny_patch16_224', '--distillation-type', 'soft']
+START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp('shapes'), train_per_class=2, val_per_class=1)
+
+
+def test_non_finite_loss_stops_with_step_and_terms_and_keeps_checkpoint(shapes, tmp_path):
+    good = save_teacher(tmp_path / 'good.pth', 'deit_tiny_patch16_224', img_size=32)
+    model = timm.create_model('deit_tiny_patch16_224', num_classes=1000, img_size=32)
+    broken = {k: torch.full_like(v, float('nan')) if k == 'head.weight' else v for k, v in model.state_dict().items()}
+    torch.save({'model': broken}, tmp_path / 'nan.pth')
+    out = tmp_path / 'run'
+    common = TINY + KD + ['--data-path', str(shapes), '--output_dir', str(out), '--epochs', '2']
+
+    first = run_main(common + ['--teacher-path', str(good), '--epochs', '1'])
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = (out / 'checkpoint.pth').read_bytes()
+
+    second = run_main(common + ['--teacher-path', str(tmp_path / 'nan.pth')])
+    assert second.returncode == main.EXIT_NON_FINITE
+    error = second.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: non-finite loss at epoch 1, step 0: ')
+    assert 'kd=nan' in error and 'base=' in error and 'loss=nan' in error
+    assert (out / 'checkpoint.pth').read_bytes() == saved
+    assert utils.load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
+
+
+def start_training(argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, 'main.py', *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_line(process: subprocess.Popen, fragment: str) -> list[str]:
+    """Read the process output until a line holds ``fragment``; returns the lines read."""
+    lines, deadline = [], time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if fragment in line:
+            return lines
+    process.kill()
+    raise AssertionError(f'{fragment!r} never appeared:\n' + ''.join(lines[-30:]))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_saves_and_exits_for_requeue_then_auto_resumes(sig, shapes, tmp_path):
+    out = tmp_path / 'run'
+    argv = TINY + ['--data-path', str(shapes), '--output_dir', str(out), '--epochs', '2']
+    process = start_training(argv)
+    wait_for_line(process, 'Epoch: [0]')
+    process.send_signal(sig)
+    rest = process.communicate(timeout=START_TIMEOUT_S)[0]
+    assert process.returncode == main.EXIT_REQUEUE, rest[-2000:]
+    assert 'Preempted: saved' in rest
+    checkpoint = utils.load_checkpoint(str(out / 'checkpoint.pth'))
+    assert checkpoint['epoch'] == -1 and 'optimizer' in checkpoint
+
+    resumed = run_main(argv)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'Auto-resume: continuing from' in resumed.stdout
+    epochs = [line for line in (out / 'log.txt').read_text().splitlines()]
+    assert len(epochs) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_dead_rank_does_not_hang_the_survivor(shapes, tmp_path):
+    port = free_port()
+    argv = TINY + ['--data-path', str(shapes), '--epochs', '50', '--distributed', '--dist-timeout', '0.5']
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
+           'OMP_NUM_THREADS': '1'}
+    ranks = [start_training(argv, env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}) for r in range(2)]
+    wait_for_line(ranks[0], 'Epoch: [1]')
+    ranks[1].kill()
+    started = time.monotonic()
+    rest = ranks[0].communicate(timeout=START_TIMEOUT_S)[0]
+    ranks[1].communicate()
+    assert ranks[0].returncode == main.EXIT_PEER_FAILURE, rest[-3000:]
+    assert time.monotonic() - started < START_TIMEOUT_S
+    assert 'another process died or did not answer' in rest and 'Traceback' not in rest
