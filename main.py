@@ -6,6 +6,7 @@ models, criterion and loops together; the loops live in engine.py.
 import argparse
 import datetime
 import json
+import math
 import os
 import signal
 import sys
@@ -330,6 +331,7 @@ def checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_em
 # Dense tensor-core peaks (TFLOP/s, bf16 = fp16) by device name; MFU is measured against these.
 GPU_DENSE_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10G': 125.0}
 BENCHMARK_NUM_CLASSES = 1000
+FUSED_OPTIMIZERS = ('adamw', 'adam')
 
 
 def build_mixup(args) -> Optional[Mixup]:
@@ -365,7 +367,7 @@ def run_benchmark(args) -> int:
             teacher = build_teacher(args)
         teacher.to(device)
     model = create_student(args, teacher).to(device)
-    optimizer = create_optimizer(args, model)
+    optimizer = build_optimizer(args, model, device)
     precision = Precision(device, args.amp, amp_dtype(args, device))
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
     stats = benchmark(model, teacher, build_criterion(args), optimizer, precision, device, args.batch_size,
@@ -379,7 +381,38 @@ def run_benchmark(args) -> int:
           f'peak memory {stats["peak_memory_gib"]:.2f} GiB, {stats["gflops_per_image"]:.2f} GFLOPs/image, '
           f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
           f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
+    if args.data_path:
+        dataset, _ = build_dataset(is_train=True, args=args)
+        loader, _ = build_loaders(args, dataset, dataset)
+        rate = data_images_per_second(loader, args.benchmark_steps + args.benchmark_warmup, args.benchmark_warmup,
+                                      args.data_path)
+        workers = max(args.num_workers, 1)
+        print(f'  data pipeline: {rate:.1f} images/s with {args.num_workers} workers '
+              f'({rate / workers:.1f} per worker): about {math.ceil(stats["images_per_s"] / (rate / workers))} '
+              f'workers keep this device fed')
     return 0
+
+
+def data_images_per_second(loader, batches: int, warmup: int, data_path: str) -> float:
+    """Images/s of the training DataLoader alone (decoding and augmentation), after ``warmup`` batches."""
+    images, start = 0, None
+    for i, (samples, _) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        elif i > warmup:
+            images += len(samples)
+        if i >= batches:
+            break
+    if start is None or images == 0:
+        raise UserError(f'--data-path {data_path}: too few images to time {batches} batches of the data pipeline')
+    return images / (time.perf_counter() - start)
+
+
+def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer factory (DeiT); Adam(W) on CUDA uses the fused single-kernel implementation."""
+    if device.type == 'cuda' and args.opt.lower() in FUSED_OPTIMIZERS:
+        args.opt_args = {'fused': True}
+    return create_optimizer(args, model)
 
 
 def main(args) -> int:
@@ -427,7 +460,7 @@ def main(args) -> int:
 
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / LR_REFERENCE_BATCH
-    optimizer = create_optimizer(args, model_without_ddp)
+    optimizer = build_optimizer(args, model_without_ddp, device)
     lr_scheduler, _ = create_scheduler(args, optimizer)
     precision = Precision(device, args.amp, amp_dtype(args, device))
     criterion = build_criterion(args)

@@ -107,3 +107,19 @@ def test_eval_without_projector_flags_skips_projector_keys(shapes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'the projector is only used in training' in result.stdout
     assert DEIT_LINE.search(result.stdout)
+
+
+def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
+    argv = ['--benchmark', '--device', 'cpu', '--model', 'deit_tiny_patch16_224', '--teacher-model',
+            'deit_small_patch16_224', '--distillation-type', 'soft', '--s-id', '0', '11', '--t-id', '0', '11',
+            '--w-cls', '1', '--w-atn', '1', '--input-size', '32', '--batch-size', '4', '--benchmark-steps', '1',
+            '--benchmark-warmup', '1', '--data-path', str(shapes), '--num_workers', '0']
+    assert main.run(argv) == 0
+    out = capsys.readouterr().out
+    report = re.search(r'([\d.]+) images/s, ([\d.]+) ms/step, .* ([\d.]+) GFLOPs/image, .* MFU ([\d.]+)% of', out)
+    assert report, out
+    images_per_s, ms_per_step, gflops, mfu = map(float, report.groups())
+    assert images_per_s > 0 and ms_per_step > 0 and 0 < mfu
+    # Student fwd+bwd (3x) plus teacher fwd of DeiT-Ti/S at 32 px: a fraction of a GFLOP per image.
+    assert 0.05 < gflops < 1.0
+    assert 'data pipeline:' in out

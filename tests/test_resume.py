@@ -124,7 +124,7 @@ def test_auto_resume_continues_exactly(data, uninterrupted, tmp_path, monkeypatc
     expected, resumed = read_log(uninterrupted), read_log(out)
     assert [e['epoch'] for e in resumed] == list(range(EPOCHS))
     assert [e['train_lr'] for e in resumed] == [e['train_lr'] for e in expected]
-    assert len({e['train_lr'] for e in expected}) == EPOCHS, 'warmup and cosine give every epoch its own LR'
+    assert len({e['train_lr'] for e in expected}) > 1, 'the schedule must move within the compared epochs'
     # Same data order, augmentations, drop paths and random tokens: every logged number is identical.
     assert resumed == expected
 
