@@ -141,6 +141,11 @@ def build_base_criterion(args) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def feature_distillation(args) -> bool:
+    """Feature terms (Manifold, CLS, attention, norm) need a teacher and both ``--s-id`` and ``--t-id``."""
+    return args.distillation_type != 'none' and bool(args.s_id) and bool(args.t_id)
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """The weights and switches of every term, read from the command line."""
@@ -170,7 +175,7 @@ class LossWeights:
             alpha=args.distillation_alpha,
             tau=args.distillation_tau,
             beta=args.distillation_beta,
-            feature_distillation=bool(args.s_id) and bool(args.t_id) and args.distillation_type != 'none',
+            feature_distillation=feature_distillation(args),
             manifold=args.manifold,
             w_sample=args.w_sample,
             w_patch=args.w_patch,

@@ -171,6 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--amp-dtype', default='auto', choices=['auto', 'bfloat16', 'float16'],
                        help='autocast dtype (auto: bfloat16 where supported, else float16)')
     group.add_argument('--amp-cpu', action='store_true', help='autocast on the CPU too')
+    group.add_argument('--compile', action='store_true',
+                       help='torch.compile student and teacher (slow first steps, faster after)')
     group.add_argument('--print-freq', default=10, type=int)
     group.add_argument('--log-dir', default='', help='TensorBoard log directory (needs tensorboard)')
 
@@ -368,6 +370,8 @@ def run_benchmark(args) -> int:
         teacher.to(device)
     model = create_student(args, teacher).to(device)
     optimizer = build_optimizer(args, model, device)
+    if args.compile:
+        model, teacher = compile_models(model, teacher)
     precision = Precision(device, args.amp, amp_dtype(args, device))
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
     stats = benchmark(model, teacher, build_criterion(args), optimizer, precision, device, args.batch_size,
@@ -408,6 +412,11 @@ def data_images_per_second(loader, batches: int, warmup: int, data_path: str) ->
     return images / (time.perf_counter() - start)
 
 
+def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module]) -> tuple:
+    """``torch.compile`` both models; the token hooks on their blocks are traced with them."""
+    return torch.compile(model), (torch.compile(teacher) if teacher is not None else None)
+
+
 def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """timm's optimizer factory (DeiT); Adam(W) on CUDA uses the fused single-kernel implementation."""
     if device.type == 'cuda' and args.opt.lower() in FUSED_OPTIMIZERS:
@@ -419,6 +428,8 @@ def main(args) -> int:
     validate_args(args)
     if args.benchmark:
         return run_benchmark(args)
+    # Made first so that a missing optional dependency stops the run before data and models are built.
+    writer = None if args.eval else make_tensorboard_writer(args)
     device = torch.device(args.device)
     utils.seed_everything(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
@@ -455,6 +466,8 @@ def main(args) -> int:
     if args.model_ema:
         model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
+    if args.compile:
+        model, teacher = compile_models(model, teacher)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 
@@ -495,7 +508,6 @@ def main(args) -> int:
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
         return 0
 
-    writer = make_tensorboard_writer(args)
     preempted = PreemptionFlag()
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()

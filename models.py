@@ -7,12 +7,13 @@ import torch
 import torch.nn as nn
 
 import utils
+from losses import feature_distillation
 from utils import UserError
 
 # Checkpoints of the original TNT-S (timm 0.5.4) have the layout that timm 1.x calls "legacy".
 LEGACY_VARIANTS = {'tnt_s_patch16_224': 'tnt_s_legacy_patch16_224'}
-# A key that only the non-legacy TNT layout has.
-TNT_NEW_LAYOUT_KEY = 'blocks.0.norm2_proj.weight'
+# A key that only the non-legacy TNT layout has, in timm's naming and in the original TNT release's.
+TNT_NEW_LAYOUT_KEYS = ('blocks.0.norm2_proj.weight', 'blocks.0.proj_norm2.weight')
 
 
 def block_tokens(output) -> torch.Tensor:
@@ -104,11 +105,6 @@ class Projector(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-def feature_distillation(args) -> bool:
-    """Feature terms (Manifold, CLS, attention, norm) need a teacher and both ``--s-id`` and ``--t-id``."""
-    return args.distillation_type != 'none' and bool(args.s_id) and bool(args.t_id)
-
-
 def needs_projector(args) -> bool:
     return feature_distillation(args) and args.w_cls > 0 and args.dim_match in ('projector', 'both')
 
@@ -182,7 +178,8 @@ def create_teacher(args) -> nn.Module:
 def build_teacher(args, state_dict: Optional[dict] = None) -> nn.Module:
     """A frozen, token-capturing teacher; with ``state_dict=None`` its weights stay random (benchmarks)."""
     name = args.teacher_model
-    if state_dict is not None and name in LEGACY_VARIANTS and TNT_NEW_LAYOUT_KEY not in state_dict:
+    if (state_dict is not None and name in LEGACY_VARIANTS
+            and not any(key in state_dict for key in TNT_NEW_LAYOUT_KEYS)):
         name = LEGACY_VARIANTS[name]
     model = build_model(name, '--teacher-model', num_classes=args.nb_classes, img_size=args.input_size)
     if state_dict is not None:

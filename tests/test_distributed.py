@@ -6,10 +6,13 @@ main.py with one addition, every rank saving its own state, so that the ranks ca
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
@@ -18,9 +21,10 @@ import torch
 import datasets
 import main
 from helpers import CLSKD_TRAIN, REPO, main_argv, save_teacher
-from samplers import RASampler
+from samplers import RASampler, ShardedEvalSampler
 
 WORLD_SIZE = 2
+NUM_REPEATS = 3  # RASampler's default
 IMAGE_SIZE = 32
 TRAIN_PER_CLASS = 2
 LAUNCH_TIMEOUT_S = 300
@@ -37,6 +41,8 @@ LAUNCHER_PREFIXES = ('SLURM_', 'PET_', 'TORCHELASTIC_')
 ACC_LINE = re.compile(r'^\* Acc@1 \d+\.\d{3} Acc@5 \d+\.\d{3} loss \d+\.\d{3}$', re.M)
 # Eval set: an odd number of images and classes, so that the shards are uneven and Acc@5 is not trivially 100.
 EVAL_CLASSES = 13
+SLURM_EPOCHS = 4
+POLL_S = 0.05
 HEAD_SCALE = 0.3  # logits a few units apart, so that a miscounted image moves the loss in its third decimal
 
 
@@ -54,7 +60,7 @@ def launch_env(**extra: str) -> dict:
     return env
 
 
-def launch(command: list[str], env: dict = None) -> subprocess.CompletedProcess:
+def launch(command: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, *command], cwd=REPO, env=env or launch_env(), capture_output=True,
                             text=True, timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -105,6 +111,33 @@ def assert_sampler_log(states: list[dict], train_size: int, epochs: int) -> None
     for epoch in range(epochs):
         assert per_epoch[0][epoch] != per_epoch[1][epoch], 'both ranks were dealt the same samples'
     assert per_epoch[0][0] != per_epoch[0][-1] or epochs == 1, 'the sample order did not change with the epoch'
+
+
+@pytest.mark.parametrize('size', [1, 13, 256, 1001])
+@pytest.mark.parametrize('world', [2, 3, 8])
+def test_eval_shards_cover_every_image_once(size, world):
+    shards = [ShardedEvalSampler(range(size), num_replicas=world, rank=rank) for rank in range(world)]
+    indices = [list(shard) for shard in shards]
+    assert sorted(i for shard in indices for i in shard) == list(range(size))
+    assert [len(shard) for shard in shards] == [len(shard) for shard in indices]
+    assert max(map(len, indices)) - min(map(len, indices)) <= 1
+
+
+def test_ra_sampler_deals_each_rank_its_positions_every_epoch():
+    """Per epoch one shared permutation, each image repeated; rank r takes positions r, r + world, ..."""
+    size = 600
+    orders = []
+    for epoch in range(3):
+        stream = torch.randperm(size, generator=torch.Generator().manual_seed(epoch)).repeat_interleave(NUM_REPEATS)
+        per_rank = []
+        for rank in range(WORLD_SIZE):
+            sampler = RASampler(range(size), num_replicas=WORLD_SIZE, rank=rank, seed=0)
+            sampler.set_epoch(epoch)
+            per_rank.append(list(sampler))
+            assert per_rank[-1] == stream.tolist()[rank::WORLD_SIZE][:len(sampler)]
+        assert per_rank[0] != per_rank[1]
+        orders.append(per_rank[0])
+    assert orders[0] != orders[1] != orders[2]
 
 
 @pytest.fixture(scope='module')
@@ -217,12 +250,17 @@ def test_dist_eval_matches_one_process(eval_setup, capsys):
     assert 'Acc@1 0.000 Acc@5 0.000' not in single[0] and 'Acc@5 100.000' not in single[0]
 
 
-def test_slurm_tasks_train_an_epoch(shapes, tmp_path):
-    """main.py started as srun starts it: SLURM variables only, the port from --dist-port."""
+def test_slurm_tasks_train_and_stop_together_when_one_is_preempted(shapes, tmp_path):
+    """main.py started as srun starts it (SLURM variables only, the port from --dist-port).
+
+    After the first epoch only task 1 gets SIGTERM: both tasks must stop after the same step (or their
+    collectives would no longer pair up), rank 0 saves, and both exit with the requeue code.
+    """
     out = tmp_path / 'run'
     port = free_port()
     argv = ['main.py', '--data-path', str(shapes), '--output_dir', str(out), '--model', 'deit_tiny_patch16_224',
-            '--batch-size', '4', '--epochs', '1', '--dist-port', str(port), *SMALL_RUN]
+            '--batch-size', '2', '--epochs', str(SLURM_EPOCHS), '--dist-port', str(port), '--dist-timeout', '1',
+            *SMALL_RUN]
     procs = []
     for rank in range(WORLD_SIZE):
         env = launch_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(WORLD_SIZE),
@@ -230,15 +268,22 @@ def test_slurm_tasks_train_an_epoch(shapes, tmp_path):
         procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not (out / 'log.txt').exists() and procs[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        procs[1].send_signal(signal.SIGTERM)
         outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, output[-3000:]
-        assert f'| distributed init (rank {rank}): env://, backend gloo' in output
+        assert f'| distributed init (rank {rank}): env://, backend gloo' in output, output[-3000:]
+        assert proc.returncode == main.EXIT_REQUEUE, output[-3000:]
+    assert 'Received SIGTERM' in outputs[1] and 'Received SIGTERM' not in outputs[0]
+    assert f'Preempted: saved {out / main.CHECKPOINT_NAME}' in outputs[0]
     assert ACC_LINE.search(outputs[0]) and not ACC_LINE.search(outputs[1])
     log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-    assert [entry['epoch'] for entry in log] == [0]
-    args = torch.load(out / main.CHECKPOINT_NAME, weights_only=False)['args']
+    checkpoint = torch.load(out / main.CHECKPOINT_NAME, weights_only=False)
+    assert 1 <= len(log) < SLURM_EPOCHS and checkpoint['epoch'] == log[-1]['epoch']
+    args = checkpoint['args']
     assert (args.world_size, args.dist_port, args.distributed) == (WORLD_SIZE, port, True)
