@@ -381,8 +381,9 @@ def run_benchmark(args) -> int:
     print(f'Benchmark {args.model} <- {args.teacher_model if teacher is not None else "no teacher"} '
           f'| device {device.type} | {str(precision.dtype).replace("torch.", "")} | batch {args.batch_size} '
           f'| {args.input_size} px')
+    memory = 'n/a' if math.isnan(stats['peak_memory_gib']) else f'{stats["peak_memory_gib"]:.2f} GiB'
     print(f'  {stats["images_per_s"]:.1f} images/s, {stats["ms_per_step"]:.1f} ms/step, '
-          f'peak memory {stats["peak_memory_gib"]:.2f} GiB, {stats["gflops_per_image"]:.2f} GFLOPs/image, '
+          f'peak memory {memory}, {stats["gflops_per_image"]:.2f} GFLOPs/image, '
           f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
           f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
     if args.data_path:
@@ -434,8 +435,11 @@ def main(args) -> int:
     utils.seed_everything(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
 
-    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
-    dataset_val, _ = build_dataset(is_train=False, args=args)
+    try:
+        dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+        dataset_val, _ = build_dataset(is_train=False, args=args)
+    except ValueError as err:
+        raise UserError(f'--data-path {args.data_path}: {err}') from None
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
 
     mixup_fn = build_mixup(args)

@@ -48,6 +48,12 @@ def test_missing_data_path(tmp_path, capsys):
     fails_with(['--data-path', str(missing)] + FAST, capsys, str(missing), '--data-path')
 
 
+def test_dataset_folder_without_images(tmp_path, capsys):
+    for split in ('train', 'val'):
+        (tmp_path / split / 'n01440764').mkdir(parents=True)
+    fails_with(['--data-path', str(tmp_path)] + FAST, capsys, '--data-path', 'no images found', 'n01440764')
+
+
 def test_s_id_and_t_id_of_different_lengths(shapes, tiny_teacher, capsys):
     argv = ['--data-path', str(shapes), '--teacher-path', str(tiny_teacher)] + MANIFOLD + FAST + ['--t-id', '0']
     fails_with(argv, capsys, '--s-id', '--t-id')
