@@ -26,7 +26,8 @@ import utils
 from datasets import build_dataset
 from engine import NonFiniteLossError, Precision, benchmark, evaluate, train_one_epoch
 from losses import build_criterion
-from models import build_teacher, check_token_shapes, create_student, create_teacher, load_weights
+from models import (build_teacher, check_token_shapes, checkpoint_weights, create_student, create_teacher,
+                    load_weights)
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -269,7 +270,7 @@ def interpolate_pos_embed(model: torch.nn.Module, state_dict: dict) -> None:
 
 
 def load_finetune(args, model: torch.nn.Module) -> None:
-    state_dict = utils.strip_prefix(utils.load_checkpoint(args.finetune).get('model', {}))
+    state_dict = checkpoint_weights(utils.load_checkpoint(args.finetune))
     own = model.state_dict()
     for key in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
         if key in state_dict and key in own and state_dict[key].shape != own[key].shape:

@@ -144,8 +144,8 @@ def create_student(args, teacher: Optional[nn.Module] = None) -> nn.Module:
     return model
 
 
-def teacher_state_dict(checkpoint: dict) -> dict:
-    """The weights inside a teacher file: DeiT/CaiT ``{'model': ...}``, ``{'state_dict': ...}`` or bare."""
+def checkpoint_weights(checkpoint: dict) -> dict:
+    """The weights inside a checkpoint or teacher file: DeiT/CaiT ``{'model': ...}``, ``{'state_dict': ...}`` or bare."""
     for key in ('model', 'state_dict'):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -172,7 +172,7 @@ def create_teacher(args) -> nn.Module:
     capturing the ``--t-id`` blocks. Teachers classify from [CLS] (no ``global_pool='avg'``)."""
     if not args.teacher_path:
         raise UserError('--teacher-path is required when --distillation-type is not none')
-    return build_teacher(args, teacher_state_dict(utils.load_checkpoint(args.teacher_path)))
+    return build_teacher(args, checkpoint_weights(utils.load_checkpoint(args.teacher_path)))
 
 
 def build_teacher(args, state_dict: Optional[dict] = None) -> nn.Module:

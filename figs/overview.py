@@ -16,6 +16,7 @@ matplotlib.use('Agg')  # files only: no display is needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+from plot_logs import save_figure  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'overview.png'
 SEED = 0
@@ -228,10 +229,7 @@ def draw_overview(out: Path) -> Path:
     draw_cls_term(ax)
     draw_attention_term(ax, rng)
     draw_manifold_terms(ax, rng)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, DPI)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -116,9 +116,14 @@ def plot_logs(
         fig.suptitle(title)
     legend_rows = math.ceil(len(labels) / (MAX_COLUMNS + 1))
     fig.tight_layout(rect=(0, 0.06 * legend_rows / rows, 1, 1))
+    return save_figure(fig, out, DPI)
+
+
+def save_figure(fig, out: Union[str, Path], dpi: int) -> Path:
+    """Write ``fig`` as a PNG (creating the folder) and free it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

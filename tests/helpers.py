@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
@@ -60,3 +61,12 @@ def save_teacher(path: Path, model_name: str, num_classes: int = 1000, **kwargs)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     torch.save({'model': model.state_dict()}, path)
     return path
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy machine OpenMP threads waiting on each other make the runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

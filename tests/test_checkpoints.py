@@ -17,7 +17,7 @@ import engine
 import main
 import models
 import utils
-from helpers import CLSKD_TEST, MANIFOLD_TRAIN, main_argv
+from helpers import CLSKD_TEST, MANIFOLD_TRAIN, main_argv, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
@@ -98,15 +98,6 @@ def published_args(model_name: str, teacher_model: str) -> argparse.Namespace:
     return argparse.Namespace(model=model_name, teacher_model=teacher_model, lr=5e-4, batch_size=128,
                               s_id=[0, 1, 2, 3, 8, 9, 10, 11], t_id=[0, 1, 2, 3, 8, 9, 10, 11], output_dir='/x',
                               distributed=True, world_size=4, resume='', opt_betas=None)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy machine OpenMP threads waiting on each other make the runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

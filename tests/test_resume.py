@@ -15,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 
 import datasets
 import main
-from helpers import save_teacher
+from helpers import one_thread, save_teacher  # noqa: F401 (autouse fixture)
 
 IMAGE_SIZE = 32
 EPOCHS = 3
@@ -31,15 +31,6 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Crash(RuntimeError):
     """The job dies (node failure, kill -9) between two epochs."""
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy machine OpenMP threads waiting on each other make the runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
