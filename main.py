@@ -4,7 +4,6 @@ Parses the command line (every flag of DeiT's main.py and of both papers' parser
 models, criterion and loops together; the loops live in engine.py.
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -558,7 +557,7 @@ def main(args) -> int:
                 writer.add_scalar(key, value, epoch)
     if writer is not None:
         writer.close()
-    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    print(f'Training time {utils.format_seconds(time.time() - start_time)}')
     return 0
 
 

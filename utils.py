@@ -25,7 +25,7 @@ __all__ = [
     'UserError',
     'init_distributed_mode', 'setup_for_distributed', 'parse_slurm_nodelist', 'slurm_master_port',
     'is_dist_avail_and_initialized', 'get_world_size', 'get_rank', 'is_main_process', 'barrier',
-    'all_reduce_mean',
+    'any_rank',
     'SmoothedValue', 'MetricLogger',
     'save_checkpoint', 'save_on_master', 'load_checkpoint', 'strip_prefix', 'unwrap_model',
     'seed_everything', 'rng_state', 'set_rng_state', 'gather_rng_states', 'restore_rng_states', 'format_seconds',
@@ -100,16 +100,6 @@ def _collective_device() -> torch.device:
     if is_dist_avail_and_initialized() and dist.get_backend() == dist.Backend.NCCL:
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
-
-
-def all_reduce_mean(value: float) -> float:
-    """Mean of a Python scalar over all ranks (identity when not distributed)."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return t.item() / world_size
 
 
 def any_rank(flag: bool) -> bool:

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only: no display is needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plot_logs import plot_logs, read_log  # noqa: E402
+from plot_logs import plot_logs, read_log, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS_NAME = 'quickstart.json'
@@ -254,8 +254,7 @@ def plot_accuracy(rows: Sequence[dict], path: Path) -> None:
     ax.set_title(f"Shapes, {rows[-1]['run'].epochs} student epochs: accuracy per method")
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path, DPI)
 
 
 def make_data(args: argparse.Namespace, data_path: Path) -> None:
