@@ -1,11 +1,13 @@
 """The training and evaluation loops; ``compute_losses`` is the one forward pass both the loop and tests use."""
 import contextlib
 import math
+import statistics
 import time
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
@@ -142,17 +144,26 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     return stats
 
 
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """Measured FLOP/s of a large ``torch.mm`` on ``device`` in ``dtype``: the machine's practical matmul peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
+def count_cpu_attention_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU flash-attention kernels, which it does not count by itself.
+
+    They get the formulas torch uses for the GPU kernels, so CPU and GPU runs count the same model FLOPs.
+    """
+    aten = torch.ops.aten
+    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop}
+    for op, formula in formulas.items():
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
+def matmul_flops_per_second(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FLOP/s of one ``a @ b`` of large square matrices: the machine's practical matmul peak at that moment."""
+    synchronize(a.device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    a @ b
+    synchronize(a.device)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start)
 
 
 def synchronize(device: torch.device) -> None:
@@ -176,8 +187,10 @@ def benchmark(model, teacher, criterion, optimizer, precision: Precision, device
     """Time the real training step on synthetic batches; FLOPs come from ``FlopCounterMode``.
 
     MFU is the step's model FLOP/s over ``peak_flops`` (a GPU's dense peak for the AMP dtype), or, when that
-    is not given, over this machine's measured matmul rate in the step's dtype.
+    is not given, over this machine's matmul rate in the step's dtype, measured with a ``matmul_size``-square
+    product before every timed step so that both see the same machine load. Step time and rate are medians.
     """
+    count_cpu_attention_flops()
     model.train()
     samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
     targets = torch.randint(0, num_classes, (batch_size,), device=device)
@@ -188,17 +201,25 @@ def benchmark(model, teacher, criterion, optimizer, precision: Precision, device
     with FlopCounterMode(display=False) as counter:
         training_step(model, teacher, criterion, optimizer, precision, samples, targets)
     flops_per_step = counter.get_total_flops()
+    matmul_operands = None
+    if peak_flops is None:
+        dtype = precision.dtype if precision.enabled else torch.float32
+        matmul_operands = [torch.randn(matmul_size, matmul_size, device=device, dtype=dtype) for _ in range(2)]
+        matmul_flops_per_second(*matmul_operands)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
+    step_seconds, matmul_rates = [], []
     for _ in range(steps):
+        if matmul_operands is not None:
+            matmul_rates.append(matmul_flops_per_second(*matmul_operands))
+        synchronize(device)
+        start = time.perf_counter()
         training_step(model, teacher, criterion, optimizer, precision, samples, targets)
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
+        synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
+    seconds = statistics.median(step_seconds)
     if peak_flops is None:
-        peak_flops = peak_matmul_flops(device, precision.dtype if precision.enabled else torch.float32,
-                                       matmul_size)
+        peak_flops = statistics.median(matmul_rates)
     memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else float('nan')
     return {
         'images_per_s': batch_size / seconds,

@@ -36,7 +36,8 @@ def manifold_patch_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 def manifold_sample_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """Inter-image relations: the same at every token position across the batch (``[N, B, B]``), per pair."""
-    return per_pair_mse(gram(f_t.transpose(1, 2)), gram(f_s.transpose(1, 2)))
+    # One contiguous [n, N, B, D] copy per side; matmul on the strided transpose would copy both operands.
+    return per_pair_mse(gram(f_t.transpose(1, 2).contiguous()), gram(f_s.transpose(1, 2).contiguous()))
 
 
 def manifold_random_loss(f_s: torch.Tensor, f_t: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -65,17 +66,17 @@ def cls_relation_loss(cls_s: torch.Tensor, cls_t: torch.Tensor) -> torch.Tensor:
     return per_pair_mse(gram(F.normalize(cls_t, dim=-1)), gram(F.normalize(cls_s, dim=-1)))
 
 
-def cls_patch_attention_loss(tokens_s: torch.Tensor, tokens_t: torch.Tensor) -> torch.Tensor:
-    """CLS-patch attention maps ``a = norm(X[:, :1]) @ norm(X[:, 1:])^T`` (``[B, 1, N-1]``): ``mse(a_t, a_s)`` per pair.
+def cls_patch_attention_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """CLS-patch attention maps ``a = F[:, :1] @ F[:, 1:]^T`` (``[B, 1, N-1]``): ``mse(a_t, a_s)`` per pair.
 
-    Exactly the first token is treated as [CLS] for both models (a distilled student keeps its dist token
-    among the "patches"; a CaiT teacher's first patch acts as [CLS]), as in the original.
+    ``f_s``, ``f_t``: normalised tokens ``[n, B, N, D]`` (all of them). Exactly the first token is treated as
+    [CLS] for both models (a distilled student keeps its dist token among the "patches"; a CaiT teacher's
+    first patch acts as [CLS]), as in the original.
     """
-    def attention(x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(x, dim=-1)
-        return x[:, :, :1] @ x[:, :, 1:].transpose(-1, -2)
+    def attention(f: torch.Tensor) -> torch.Tensor:
+        return f[:, :, :1] @ f[:, :, 1:].transpose(-1, -2)
 
-    return per_pair_mse(attention(tokens_t), attention(tokens_s))
+    return per_pair_mse(attention(f_t), attention(f_s))
 
 
 def token_norm_loss(tokens_s: torch.Tensor, tokens_t: torch.Tensor) -> torch.Tensor:
@@ -242,9 +243,11 @@ class DistillationCriterion(nn.Module):
         tokens_t = torch.stack(list(teacher_tokens)).float()
         extra = tokens_s.shape[2] - tokens_t.shape[2]
         terms = {}
+        if w.manifold or w.w_atn > 0:
+            # Normalisation is per token, so one pass serves both terms (Manifold drops the extra tokens after).
+            normed_s, normed_t = F.normalize(tokens_s, dim=-1), F.normalize(tokens_t, dim=-1)
         if w.manifold:
-            f_s = F.normalize(tokens_s[:, :, extra:], dim=-1)
-            f_t = F.normalize(tokens_t, dim=-1)
+            f_s, f_t = normed_s[:, :, extra:], normed_t
             terms['mf_sample'] = w.beta * w.w_sample * manifold_sample_loss(f_s, f_t).mean()
             terms['mf_patch'] = w.beta * w.w_patch * manifold_patch_loss(f_s, f_t).mean()
             terms['mf_rand'] = w.beta * w.w_rand * manifold_random_loss(f_s, f_t, w.num_random_tokens).mean()
@@ -264,7 +267,7 @@ class DistillationCriterion(nn.Module):
                 terms['cls_relation'] = w.w_relation * cls_relation_loss(cls_s, cls_t).mean()
         if w.w_atn > 0:
             terms['atn'] = w.w_atn * adaptive_layer_weighting(
-                cls_patch_attention_loss(tokens_s, tokens_t), w.last_w)
+                cls_patch_attention_loss(normed_s, normed_t), w.last_w)
         if w.norm_distill:
             norm = token_norm_loss(tokens_s[:, :, extra:], tokens_t[:, :, extra:])
             terms['norm'] = w.w_norm * emphasise_last(norm, w.last_w).mean()

@@ -6,6 +6,7 @@ import re
 import pytest
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
 import engine
@@ -123,3 +124,17 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
     # Student fwd+bwd (3x) plus teacher fwd of DeiT-Ti/S at 32 px: a fraction of a GFLOP per image.
     assert 0.05 < gflops < 1.0
     assert 'data pipeline:' in out
+
+
+def test_flop_count_includes_cpu_attention():
+    # DeiT-Ti forward at 32 px (4 patches + [CLS]): patch conv, 12 blocks of linears and attention, head.
+    tokens, width, depth, mlp, classes, patches = 5, 192, 12, 768, 1000, 4
+    conv = 2 * width * 3 * 16 * 16 * patches
+    linears = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp)
+    attention = 2 * 2 * tokens * tokens * width  # q k^T and the weighted sum of v, over all heads
+    expected = conv + depth * (linears + attention) + 2 * width * classes
+    model = timm.create_model('deit_tiny_patch16_224', img_size=32).eval()
+    engine.count_cpu_attention_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    assert counter.get_total_flops() == expected
