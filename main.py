@@ -333,6 +333,7 @@ def checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_em
 # Dense tensor-core peaks (TFLOP/s, bf16 = fp16) by device name; MFU is measured against these.
 GPU_DENSE_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10G': 125.0}
 BENCHMARK_NUM_CLASSES = 1000
+FUSED_OPTIMIZER_DEVICES = ('cuda', 'cpu')
 FUSED_OPTIMIZERS = ('adamw', 'adam')
 
 
@@ -419,8 +420,8 @@ def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module]) -
 
 
 def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """timm's optimizer factory (DeiT); Adam(W) on CUDA uses the fused single-kernel implementation."""
-    if device.type == 'cuda' and args.opt.lower() in FUSED_OPTIMIZERS:
+    """timm's optimizer factory (DeiT); Adam(W) on CUDA and CPU uses the fused single-kernel implementation."""
+    if device.type in FUSED_OPTIMIZER_DEVICES and args.opt.lower() in FUSED_OPTIMIZERS:
         args.opt_args = {'fused': True}
     return create_optimizer(args, model)
 

@@ -138,3 +138,11 @@ def test_flop_count_includes_cpu_attention():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 32, 32))
     assert counter.get_total_flops() == expected
+
+
+@pytest.mark.parametrize('opt, fused', [('adamw', True), ('sgd', None)])
+def test_adam_optimizers_are_fused_on_cpu(opt, fused):
+    args = main.get_args_parser().parse_args(['--opt', opt])
+    optimizer = main.build_optimizer(args, timm.create_model('deit_tiny_patch16_224', img_size=32),
+                                      torch.device('cpu'))
+    assert optimizer.defaults.get('fused') is fused
