@@ -172,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='autocast dtype (auto: bfloat16 where supported, else float16)')
     group.add_argument('--amp-cpu', action='store_true', help='autocast on the CPU too')
     group.add_argument('--compile', action='store_true',
-                       help='torch.compile student and teacher (slow first steps, faster after)')
+                       help='torch.compile student and teacher (slow first steps; check with --benchmark that it pays)')
     group.add_argument('--print-freq', default=10, type=int)
     group.add_argument('--log-dir', default='', help='TensorBoard log directory (needs tensorboard)')
 
