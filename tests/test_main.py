@@ -12,6 +12,8 @@ import datasets
 import engine
 import main
 from helpers import CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, main_argv, make_shapes, run_main, save_teacher
+from losses import build_criterion
+from models import build_teacher, create_student
 
 CLSKD_TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
 DEIT_LINE = re.compile(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', re.M)
@@ -146,3 +148,33 @@ def test_adam_optimizers_are_fused_on_cpu(opt, fused):
     optimizer = main.build_optimizer(args, timm.create_model('deit_tiny_patch16_224', img_size=32),
                                       torch.device('cpu'))
     assert optimizer.defaults.get('fused') is fused
+
+
+def test_compiled_models_give_the_eager_losses_and_gradients():
+    # --compile traces the token hooks with the models: every term and every gradient must stay what eager gives.
+    argv = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type',
+            'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '2', '--w-sample', '0.1',
+            '--w-patch', '4', '--w-rand', '0.2', '--input-size', '32', '--drop-path', '0']
+    args = main.get_args_parser().parse_args(argv)
+    args.nb_classes = 10
+    torch.manual_seed(0)
+    teacher = build_teacher(args)
+    student = create_student(args, teacher)
+    criterion = build_criterion(args)
+    samples = torch.randn(4, 3, 32, 32)
+    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (4,)), 10).float()
+
+    def losses_and_gradients(model, frozen):
+        torch.manual_seed(1)  # the random relation term samples its tokens
+        terms = engine.compute_losses(model, frozen, criterion, samples, targets)
+        terms['loss'].backward()
+        gradients = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        return {name: value.item() for name, value in terms.items()}, gradients
+
+    eager_terms, eager_gradients = losses_and_gradients(student, teacher)
+    compiled_terms, compiled_gradients = losses_and_gradients(*main.compile_models(student, teacher))
+    assert all(eager_terms[name] > 0 for name in ('kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn'))
+    assert compiled_terms == pytest.approx(eager_terms, rel=1e-5)
+    for compiled, eager in zip(compiled_gradients, eager_gradients):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
