@@ -28,8 +28,9 @@ def compute_losses(
     student = utils.unwrap_model(model)
     teacher_logits, teacher_tokens = None, []
     if teacher is not None:
-        # Inference mode: no autograd bookkeeping at all for the frozen teacher, the step's largest forward.
-        with torch.inference_mode():
+        # No graph for the frozen teacher, the step's largest forward. Not inference mode: the (compiled) loss
+        # saves teacher tokens for its backward, which inference tensors may not be.
+        with torch.no_grad():
             teacher_logits = teacher(samples)
         teacher_tokens = captured_tokens(teacher)
     outputs = model(samples)

@@ -25,8 +25,8 @@ import utils
 from datasets import build_dataset
 from engine import NonFiniteLossError, Precision, benchmark, evaluate, train_one_epoch
 from losses import build_criterion
-from models import (build_teacher, check_token_shapes, checkpoint_weights, create_student, create_teacher,
-                    load_weights)
+from models import (FrozenCompiledTeacher, build_teacher, check_token_shapes, checkpoint_weights, create_student,
+                    create_teacher, load_weights)
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -172,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='autocast dtype (auto: bfloat16 where supported, else float16)')
     group.add_argument('--amp-cpu', action='store_true', help='autocast on the CPU too')
     group.add_argument('--compile', action='store_true',
-                       help='torch.compile student and teacher (slow first steps; check with --benchmark that it pays)')
+                       help='torch.compile student, teacher (weights frozen) and loss (slow first steps; --benchmark shows the gain)')
     group.add_argument('--print-freq', default=10, type=int)
     group.add_argument('--log-dir', default='', help='TensorBoard log directory (needs tensorboard)')
 
@@ -371,11 +371,12 @@ def run_benchmark(args) -> int:
         teacher.to(device)
     model = create_student(args, teacher).to(device)
     optimizer = build_optimizer(args, model, device)
+    criterion = build_criterion(args)
     if args.compile:
-        model, teacher = compile_models(model, teacher)
+        model, teacher, criterion = compile_models(model, teacher, criterion)
     precision = Precision(device, args.amp, amp_dtype(args, device))
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
-    stats = benchmark(model, teacher, build_criterion(args), optimizer, precision, device, args.batch_size,
+    stats = benchmark(model, teacher, criterion, optimizer, precision, device, args.batch_size,
                       args.input_size, args.nb_classes, args.benchmark_steps, args.benchmark_warmup, peak,
                       mixup_fn=build_mixup(args))
     peak_source = 'given peak' if args.peak_tflops else ('dense peak' if peak else 'measured matmul rate')
@@ -414,9 +415,11 @@ def data_images_per_second(loader, batches: int, warmup: int, data_path: str) ->
     return images / (time.perf_counter() - start)
 
 
-def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module]) -> tuple:
-    """``torch.compile`` both models; the token hooks on their blocks are traced with them."""
-    return torch.compile(model), (torch.compile(teacher) if teacher is not None else None)
+def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module], criterion: torch.nn.Module) -> tuple:
+    """``torch.compile`` the student (token hooks traced with it), the teacher with its weights frozen, and the
+    criterion (the loss terms' normalisations and copies fused)."""
+    return (torch.compile(model), FrozenCompiledTeacher(teacher) if teacher is not None else None,
+            torch.compile(criterion))
 
 
 def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -471,8 +474,9 @@ def main(args) -> int:
     if args.model_ema:
         model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
+    criterion = build_criterion(args)
     if args.compile:
-        model, teacher = compile_models(model, teacher)
+        model, teacher, criterion = compile_models(model, teacher, criterion)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 
@@ -481,7 +485,6 @@ def main(args) -> int:
     optimizer = build_optimizer(args, model_without_ddp, device)
     lr_scheduler, _ = create_scheduler(args, optimizer)
     precision = Precision(device, args.amp, amp_dtype(args, device))
-    criterion = build_criterion(args)
 
     output_dir = Path(args.output_dir) if args.output_dir else None
     last_checkpoint = output_dir / CHECKPOINT_NAME if output_dir else None

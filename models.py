@@ -105,6 +105,27 @@ class Projector(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class FrozenCompiledTeacher(nn.Module):
+    """``torch.compile`` of the frozen teacher with inductor's weight freezing: its weights become constants of the
+    graph, so the linear layers run on prepacked weights with bias and activation fused in.
+
+    Dynamo reads the freezing switch from the global inductor config when it traces, so the switch is on only
+    during this model's calls: the student's graphs (whose weights change) never see it.
+    """
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(teacher)
+
+    @property
+    def token_capture(self) -> Optional[TokenCapture]:
+        return getattr(self.compiled, 'token_capture', None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(x)
+
+
 def needs_projector(args) -> bool:
     return feature_distillation(args) and args.w_cls > 0 and args.dim_match in ('projector', 'both')
 

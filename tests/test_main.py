@@ -151,7 +151,8 @@ def test_adam_optimizers_are_fused_on_cpu(opt, fused):
 
 
 def test_compiled_models_give_the_eager_losses_and_gradients():
-    # --compile traces the token hooks with the models: every term and every gradient must stay what eager gives.
+    # --compile traces the token hooks with the models and freezes the teacher's weights into its graph: every
+    # term and every gradient must stay what eager gives.
     argv = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type',
             'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '2', '--w-sample', '0.1',
             '--w-patch', '4', '--w-rand', '0.2', '--input-size', '32', '--drop-path', '0']
@@ -164,17 +165,28 @@ def test_compiled_models_give_the_eager_losses_and_gradients():
     samples = torch.randn(4, 3, 32, 32)
     targets = torch.nn.functional.one_hot(torch.randint(0, 10, (4,)), 10).float()
 
-    def losses_and_gradients(model, frozen):
+    def losses_and_gradients(model, frozen, loss):
         torch.manual_seed(1)  # the random relation term samples its tokens
-        terms = engine.compute_losses(model, frozen, criterion, samples, targets)
+        terms = engine.compute_losses(model, frozen, loss, samples, targets)
         terms['loss'].backward()
         gradients = [p.grad.clone() for p in student.parameters()]
         student.zero_grad(set_to_none=True)
         return {name: value.item() for name, value in terms.items()}, gradients
 
-    eager_terms, eager_gradients = losses_and_gradients(student, teacher)
-    compiled_terms, compiled_gradients = losses_and_gradients(*main.compile_models(student, teacher))
+    eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
+    # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
+    compiled_models = main.compile_models(student, teacher, criterion)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)
     assert all(eager_terms[name] > 0 for name in ('kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn'))
     assert compiled_terms == pytest.approx(eager_terms, rel=1e-5)
     for compiled, eager in zip(compiled_gradients, eager_gradients):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+    # The teacher's weights are constants of its graph, but the student's are not: an update must show.
+    with torch.no_grad():
+        student.head.weight.mul_(2.0)
+    with torch._inductor.config.patch(fallback_random=True):
+        updated_terms, _ = losses_and_gradients(*compiled_models)
+    assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
+    assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=1e-5)
