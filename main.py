@@ -172,7 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='autocast dtype (auto: bfloat16 where supported, else float16)')
     group.add_argument('--amp-cpu', action='store_true', help='autocast on the CPU too')
     group.add_argument('--compile', action='store_true',
-                       help='torch.compile student, teacher (weights frozen) and loss (slow first steps; --benchmark shows the gain)')
+                       help='torch.compile student, teacher (weights frozen) and loss; the first steps are slow '
+                            '(--benchmark shows the gain)')
     group.add_argument('--print-freq', default=10, type=int)
     group.add_argument('--log-dir', default='', help='TensorBoard log directory (needs tensorboard)')
 
