@@ -107,7 +107,7 @@ class Projector(nn.Module):
 
 class FrozenCompiledTeacher(nn.Module):
     """``torch.compile`` of the frozen teacher with inductor's weight freezing: its weights become constants of the
-    graph, so the linear layers run on prepacked weights (bias, GELU, residuals and LayerNorm fused in single passes).
+    graph (on the CPU its linear layers then run on prepacked weights), and its element-wise work is fused.
 
     Dynamo reads the freezing switch from the global inductor config when it traces, so the switch is on only
     during this model's calls: the student's graphs (whose weights change) never see it.

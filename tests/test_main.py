@@ -174,8 +174,8 @@ def test_compiled_models_give_the_eager_losses_and_gradients():
         return {name: value.item() for name, value in terms.items()}, gradients
 
     eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
-    # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
     compiled_models = main.compile_models(student, teacher, criterion)
+    # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
     with torch._inductor.config.patch(fallback_random=True):
         compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)
     assert all(eager_terms[name] > 0 for name in ('kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn'))
