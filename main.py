@@ -432,6 +432,8 @@ def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch
 
 def main(args) -> int:
     validate_args(args)
+    if torch.device(args.device).type == 'cpu':
+        utils.retain_freed_memory()
     if args.benchmark:
         return run_benchmark(args)
     # Made first so that a missing optional dependency stops the run before data and models are built.
