@@ -5,6 +5,7 @@ import os
 import pathlib
 import pickle
 import socket
+import subprocess
 import sys
 import urllib.error
 
@@ -408,3 +409,34 @@ def test_init_distributed_mode_slurm_gloo(clean_env, monkeypatch):
     utils.init_distributed_mode(args)
     assert os.environ['MASTER_ADDR'] == '127.0.0.1'
     _check_single_rank_group(args)
+
+
+FAULT_PROBE = '''
+import resource, sys, torch
+sys.path.insert(0, {repo!r})
+import utils
+if {retain}:
+    assert utils.retain_freed_memory()
+FLOATS = {mib} << 18  # {mib} MiB of float32, far above glibc's largest mmap threshold (32 MiB)
+for _ in range({warmup}):  # glibc's aligned blocks take a few rounds to coalesce into a reusable one
+    torch.ones(FLOATS)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range({repeats}):
+    torch.ones(FLOATS)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
+def test_retain_freed_memory_reuses_pages_of_freed_tensors():
+    """Once warm, a freed large tensor's pages serve the next one: no page faults, where glibc maps each afresh."""
+    repo, mib, warmup, repeats = str(pathlib.Path(__file__).resolve().parents[1]), 64, 16, 4
+    pages_per_tensor = (mib << 20) // os.sysconf('SC_PAGE_SIZE')
+
+    def faults(retain: bool) -> int:
+        code = FAULT_PROBE.format(repo=repo, retain=retain, mib=mib, warmup=warmup, repeats=repeats)
+        return int(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert faults(retain=False) >= repeats * pages_per_tensor // 2  # the default maps every tensor afresh
+    assert faults(retain=True) < pages_per_tensor // 10
