@@ -15,6 +15,7 @@ from losses import DistillationCriterion
 from models import captured_tokens, no_token_capture
 
 TOP_K = 5
+STEPS_PER_RATE_MEASUREMENT = 5  # --benchmark: timed steps between two measurements of the matmul rate
 
 
 def compute_losses(
@@ -192,7 +193,9 @@ def benchmark(model, teacher, criterion, optimizer, precision: Precision, device
 
     MFU is the step's model FLOP/s over ``peak_flops`` (a GPU's dense peak for the AMP dtype), or, when that
     is not given, over this machine's matmul rate in the step's dtype, measured with a ``matmul_size``-square
-    product before every timed step so that both see the same machine load. Step time and rate are medians.
+    product before every round of ``STEPS_PER_RATE_MEASUREMENT`` timed steps and after the last one, so that
+    rate and steps see the same machine load while the steps run back to back, as in training (a product
+    before every step would evict the step's data from the caches). Step time and rate are medians.
     """
     count_cpu_attention_flops()
     model.train()
@@ -213,8 +216,8 @@ def benchmark(model, teacher, criterion, optimizer, precision: Precision, device
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     step_seconds, matmul_rates = [], []
-    for _ in range(steps):
-        if matmul_operands is not None:
+    for index in range(steps):
+        if matmul_operands is not None and index % STEPS_PER_RATE_MEASUREMENT == 0:
             matmul_rates.append(matmul_flops_per_second(*matmul_operands))
         synchronize(device)
         start = time.perf_counter()
@@ -223,6 +226,7 @@ def benchmark(model, teacher, criterion, optimizer, precision: Precision, device
         step_seconds.append(time.perf_counter() - start)
     seconds = statistics.median(step_seconds)
     if peak_flops is None:
+        matmul_rates.append(matmul_flops_per_second(*matmul_operands))
         peak_flops = statistics.median(matmul_rates)
     memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else float('nan')
     return {
