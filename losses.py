@@ -40,6 +40,14 @@ def manifold_sample_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return per_pair_mse(gram(f_t.transpose(1, 2).contiguous()), gram(f_s.transpose(1, 2).contiguous()))
 
 
+def random_token_index(num_pairs: int, total: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """``[num_pairs, num_tokens]`` indices: a uniform random ``num_tokens``-subset of ``range(total)`` per pair.
+
+    One draw serves all pairs (the original drew a permutation per pair: the same distribution, another stream).
+    """
+    return torch.rand(num_pairs, total, device=device).argsort(dim=1)[:, :num_tokens]
+
+
 def manifold_random_loss(f_s: torch.Tensor, f_t: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Relations among ``K`` tokens drawn from the ``B*N`` flattened tokens: ``mse`` of two ``[K, K]`` Grams.
 
@@ -50,7 +58,7 @@ def manifold_random_loss(f_s: torch.Tensor, f_t: torch.Tensor, num_tokens: int) 
     f_s = f_s.reshape(n, batch * tokens, -1)
     f_t = f_t.reshape(n, batch * tokens, -1)
     if num_tokens < batch * tokens:
-        index = torch.rand(n, batch * tokens, device=f_s.device).argsort(dim=1)[:, :num_tokens]
+        index = random_token_index(n, batch * tokens, num_tokens, f_s.device)
         f_s = f_s.gather(1, index[..., None].expand(-1, -1, f_s.shape[-1]))
         f_t = f_t.gather(1, index[..., None].expand(-1, -1, f_t.shape[-1]))
     return per_pair_mse(gram(f_t), gram(f_s))

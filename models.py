@@ -5,6 +5,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 import utils
 from losses import feature_distillation
@@ -14,6 +16,8 @@ from utils import UserError
 LEGACY_VARIANTS = {'tnt_s_patch16_224': 'tnt_s_legacy_patch16_224'}
 # A key that only the non-legacy TNT layout has, in timm's naming and in the original TNT release's.
 TNT_NEW_LAYOUT_KEYS = ('blocks.0.norm2_proj.weight', 'blocks.0.proj_norm2.weight')
+# DeiT's ViT init (timm 0.5.4 and the [CLS]-KD code): truncated normal with this std for Linear weights and tokens.
+VIT_INIT_STD = 0.02
 
 
 def block_tokens(output) -> torch.Tensor:
@@ -144,6 +148,21 @@ def token_width(model_name: str, args) -> int:
     return model.embed_dim
 
 
+def init_like_originals(student: nn.Module) -> None:
+    """Give a fresh student the originals' start where timm 1.x differs from it.
+
+    timm 1.x draws [CLS] from N(0, 1e-6); the originals (timm 0.5.4's ViT and the [CLS]-KD copy of it) draw it
+    from a truncated normal with std 0.02, like the distillation token and the position embedding, which timm 1.x
+    still draws so. The projector gets the ViT init of every other Linear (truncated normal 0.02, zero bias) instead
+    of PyTorch's default. Everything else (Linear layers, LayerNorm, the patch-embedding convolution left at
+    PyTorch's default) already starts as in the originals.
+    """
+    if isinstance(student, VisionTransformer) and student.cls_token is not None:
+        trunc_normal_(student.cls_token, std=VIT_INIT_STD)
+    if isinstance(getattr(student, 'projector', None), nn.Module):
+        student.projector.apply(init_weights_vit_timm)
+
+
 def create_student(args, teacher: Optional[nn.Module] = None) -> nn.Module:
     """The student: a timm model (``--model``), hooks on ``--s-id`` blocks, the projector when ``--w-cls > 0``."""
     model = build_model(
@@ -162,6 +181,7 @@ def create_student(args, teacher: Optional[nn.Module] = None) -> nn.Module:
         # With equal widths the original matched the normalised [CLS] directly, without a projector.
         if model.embed_dim != teacher_dim:
             model.projector = Projector(model.embed_dim, teacher_dim, drop=args.drop)
+    init_like_originals(model)
     return model
 
 
