@@ -141,7 +141,7 @@ class BinaryCrossEntropy(nn.Module):
 def build_base_criterion(args) -> nn.Module:
     """DeiT's choice: BCE if asked, soft-target CE under mixup/cutmix, label smoothing, else plain CE."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if getattr(args, 'bce_loss', False):
+    if args.bce_loss:
         return BinaryCrossEntropy()
     if mixup_active:
         return SoftTargetCrossEntropy()

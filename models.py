@@ -5,17 +5,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-import utils
+import checkpoints
 from losses import feature_distillation
 from utils import UserError
 
-# Checkpoints of the original TNT-S (timm 0.5.4) have the layout that timm 1.x calls "legacy".
-LEGACY_VARIANTS = {'tnt_s_patch16_224': 'tnt_s_legacy_patch16_224'}
-# A key that only the non-legacy TNT layout has, in timm's naming and in the original TNT release's.
-TNT_NEW_LAYOUT_KEYS = ('blocks.0.norm2_proj.weight', 'blocks.0.proj_norm2.weight')
 # DeiT's ViT init (timm 0.5.4 and the [CLS]-KD code): truncated normal with this std for Linear weights and tokens.
 VIT_INIT_STD = 0.02
 
@@ -28,14 +24,16 @@ def block_tokens(output) -> torch.Tensor:
 class TokenCapture:
     """Forward hooks on the blocks named by ``block_ids``; ``pop()`` returns their outputs in that order.
 
-    Only the requested blocks are hooked. Capture can be paused (evaluation needs no tokens).
+    Only the requested blocks are hooked (none: ``pop()`` returns ``[]``). Capture can be paused (evaluation needs
+    no tokens).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], block_ids: Sequence[int]):
         self.block_ids = list(block_ids)
         self.enabled = True
         self._tokens: dict[int, torch.Tensor] = {}
-        self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in sorted(set(self.block_ids))]
+        for i in sorted(set(self.block_ids)):
+            blocks[i].register_forward_hook(self._hook(i))
 
     def _hook(self, block_id: int) -> Callable:
         def hook(module: nn.Module, args, output) -> None:
@@ -60,53 +58,27 @@ class TokenCapture:
         finally:
             self.enabled = enabled
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
-
-def attach_token_capture(model: nn.Module, block_ids: Sequence[int], flag: str) -> TokenCapture:
-    """Hook ``model.blocks[i]`` for every ``i`` in ``block_ids`` and keep the capture on ``model.token_capture``."""
+def check_block_ids(model: nn.Module, block_ids: Sequence[int], flag: str) -> None:
     num_blocks = len(model.blocks)
     bad = [i for i in block_ids if not 0 <= i < num_blocks]
     if bad:
         raise UserError(f'{flag} {" ".join(map(str, bad))}: the model has blocks 0..{num_blocks - 1}')
-    capture = TokenCapture(model.blocks, block_ids)
-    model.token_capture = capture
-    return capture
 
 
-def captured_tokens(model: nn.Module) -> list[torch.Tensor]:
-    """Tokens captured during the model's last forward ([] when it captures none)."""
-    capture: Optional[TokenCapture] = getattr(model, 'token_capture', None)
-    return capture.pop() if capture is not None else []
+def attach_token_capture(model: nn.Module, block_ids: Sequence[int], flag: str) -> None:
+    """Hook ``model.blocks[i]`` for every ``i`` in ``block_ids``; the capture is ``model.token_capture``."""
+    check_block_ids(model, block_ids, flag)
+    model.token_capture = TokenCapture(model.blocks, block_ids)
 
 
 @contextlib.contextmanager
-def no_token_capture(*models: Optional[nn.Module]) -> Iterator[None]:
-    """Pause token capture of the given models (evaluation)."""
+def no_token_capture(*models: nn.Module) -> Iterator[None]:
+    """Pause the token capture of the given models (evaluation)."""
     with contextlib.ExitStack() as stack:
         for model in models:
-            capture = getattr(model, 'token_capture', None) if model is not None else None
-            if capture is not None:
-                stack.enter_context(capture.paused())
+            stack.enter_context(model.token_capture.paused())
         yield
-
-
-class Projector(nn.Module):
-    """Maps a normalised student [CLS] to the teacher's width: fc1 -> GELU -> drop -> fc2 -> drop."""
-
-    def __init__(self, student_dim: int, teacher_dim: int, drop: float = 0.0):
-        super().__init__()
-        hidden = (student_dim + teacher_dim) // 2
-        self.fc1 = nn.Linear(student_dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, teacher_dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class FrozenCompiledTeacher(nn.Module):
@@ -119,11 +91,8 @@ class FrozenCompiledTeacher(nn.Module):
 
     def __init__(self, teacher: nn.Module):
         super().__init__()
+        self.token_capture = teacher.token_capture
         self.compiled = torch.compile(teacher)
-
-    @property
-    def token_capture(self) -> Optional[TokenCapture]:
-        return getattr(self.compiled, 'token_capture', None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch._inductor.config.patch(freezing=True):
@@ -141,10 +110,10 @@ def build_model(name: str, flag: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def token_width(model_name: str, args) -> int:
+def token_width(model_name: str, num_classes: int, input_size: int) -> int:
     """The token width of a model, read from a weightless (meta device) instance."""
     with torch.device('meta'):
-        model = build_model(model_name, '--teacher-model', num_classes=args.nb_classes, img_size=args.input_size)
+        model = build_model(model_name, '--teacher-model', num_classes=num_classes, img_size=input_size)
     return model.embed_dim
 
 
@@ -159,93 +128,77 @@ def init_like_originals(student: nn.Module) -> None:
     """
     if isinstance(student, VisionTransformer) and student.cls_token is not None:
         trunc_normal_(student.cls_token, std=VIT_INIT_STD)
-    if isinstance(getattr(student, 'projector', None), nn.Module):
-        student.projector.apply(init_weights_vit_timm)
+    student.projector.apply(init_weights_vit_timm)
 
 
-def create_student(args, teacher: Optional[nn.Module] = None) -> nn.Module:
-    """The student: a timm model (``--model``), hooks on ``--s-id`` blocks, the projector when ``--w-cls > 0``."""
-    model = build_model(
-        args.model, '--model',
-        num_classes=args.nb_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        img_size=args.input_size,
-    )
+def create_student(args, teacher: Optional[nn.Module] = None, num_classes: Optional[int] = None) -> nn.Module:
+    """The student: a timm model (``--model``), hooks on the ``--s-id`` blocks, and ``projector``.
+
+    The projector maps a normalised student [CLS] to the teacher's width (timm's ``Mlp``: fc1, GELU, fc2, dropout
+    ``--drop``), as in the [CLS]-KD releases, whose checkpoints hold ``projector.fc1/fc2`` beside the ViT keys. It
+    is ``nn.Identity`` (no weights) when the [CLS] term needs none: equal widths, where the original matched the
+    normalised [CLS] directly, the relation mode, or no [CLS] term. ``num_classes`` defaults to
+    ``args.nb_classes``.
+    """
+    num_classes = args.nb_classes if num_classes is None else num_classes
+    model = build_model(args.model, '--model', num_classes=num_classes, drop_rate=args.drop,
+                        drop_path_rate=args.drop_path, img_size=args.input_size)
     if args.distillation_type != 'none' and hasattr(model, 'set_distilled_training'):
         model.set_distilled_training(True)
-    if feature_distillation(args):
-        attach_token_capture(model, args.s_id, '--s-id')
+    attach_token_capture(model, args.s_id if feature_distillation(args) else [], '--s-id')
+    model.projector = nn.Identity()
     if needs_projector(args):
-        teacher_dim = teacher.embed_dim if teacher is not None else token_width(args.teacher_model, args)
-        # With equal widths the original matched the normalised [CLS] directly, without a projector.
+        teacher_dim = (teacher.embed_dim if teacher is not None
+                       else token_width(args.teacher_model, num_classes, args.input_size))
         if model.embed_dim != teacher_dim:
-            model.projector = Projector(model.embed_dim, teacher_dim, drop=args.drop)
+            model.projector = Mlp(model.embed_dim, (model.embed_dim + teacher_dim) // 2, teacher_dim,
+                                  act_layer=nn.GELU, drop=args.drop)
     init_like_originals(model)
     return model
 
 
-def checkpoint_weights(checkpoint: dict) -> dict:
-    """The weights inside a checkpoint or teacher file: DeiT/CaiT ``{'model': ...}``, ``{'state_dict': ...}`` or bare."""
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return utils.strip_prefix(checkpoint)
-
-
-def load_weights(model: nn.Module, state_dict: dict, path: str, flag: str, model_flag: str) -> None:
-    """Strict load; a file of another architecture is the user's error, named in one line."""
-    model_state = model.state_dict()
-    missing, unexpected = sorted(model_state.keys() - state_dict.keys()), sorted(state_dict.keys() - model_state.keys())
-    mismatched = sorted(k for k in model_state.keys() & state_dict.keys()
-                        if tuple(state_dict[k].shape) != tuple(model_state[k].shape))
-    if missing or unexpected or mismatched:
-        details = [f'{label} {len(keys)} keys (e.g. {keys[0]})'
-                   for label, keys in (('missing', missing), ('unexpected', unexpected),
-                                       ('shape-mismatched', mismatched)) if keys]
-        raise UserError(f'{flag} {path} does not fit {model_flag}: ' + ', '.join(details))
-    model.load_state_dict(state_dict)
-
-
-def create_teacher(args) -> nn.Module:
-    """The frozen teacher (``--teacher-model``) with weights from ``--teacher-path``, in eval mode,
-    capturing the ``--t-id`` blocks. Teachers classify from [CLS] (no ``global_pool='avg'``)."""
+def create_teacher(args, num_classes: Optional[int] = None) -> nn.Module:
+    """The frozen teacher (``--teacher-model``) with weights from ``--teacher-path``, in eval mode, capturing the
+    ``--t-id`` blocks. Teachers classify from [CLS] (no ``global_pool='avg'``). ``num_classes`` defaults to
+    ``args.nb_classes``."""
     if not args.teacher_path:
         raise UserError('--teacher-path is required when --distillation-type is not none')
-    return build_teacher(args, checkpoint_weights(utils.load_checkpoint(args.teacher_path)))
+    state_dict = checkpoints.checkpoint_weights(checkpoints.load_checkpoint(args.teacher_path))
+    name = checkpoints.teacher_architecture(args.teacher_model, state_dict)
+    model = build_model(name, '--teacher-model', num_classes=args.nb_classes if num_classes is None else num_classes,
+                        img_size=args.input_size)
+    checkpoints.load_teacher_weights(model, state_dict, args.teacher_path, f'--teacher-model {args.teacher_model}')
+    return freeze_teacher(model, args)
 
 
-def build_teacher(args, state_dict: Optional[dict] = None) -> nn.Module:
-    """A frozen, token-capturing teacher; with ``state_dict=None`` its weights stay random (benchmarks)."""
-    name = args.teacher_model
-    if (state_dict is not None and name in LEGACY_VARIANTS
-            and not any(key in state_dict for key in TNT_NEW_LAYOUT_KEYS)):
-        name = LEGACY_VARIANTS[name]
-    model = build_model(name, '--teacher-model', num_classes=args.nb_classes, img_size=args.input_size)
-    if state_dict is not None:
-        if name.startswith('tnt_'):
-            state_dict = timm.models.tnt.checkpoint_filter_fn(state_dict, model)
-        load_weights(model, state_dict, args.teacher_path, '--teacher-path', f'--teacher-model {args.teacher_model}')
+def random_teacher(args, num_classes: int) -> nn.Module:
+    """A teacher of the ``--teacher-model`` architecture with random weights (speed does not depend on them)."""
+    return freeze_teacher(build_model(args.teacher_model, '--teacher-model', num_classes=num_classes,
+                                      img_size=args.input_size), args)
+
+
+def freeze_teacher(model: nn.Module, args) -> nn.Module:
     model.eval().requires_grad_(False)
-    if feature_distillation(args):
-        attach_token_capture(model, args.t_id, '--t-id')
+    attach_token_capture(model, args.t_id if feature_distillation(args) else [], '--t-id')
     return model
 
 
-def check_token_shapes(args, student: nn.Module, teacher: nn.Module, device: torch.device) -> None:
-    """One blank image through both models: the captured token counts must fit the active feature terms.
+def check_token_shapes(args, num_classes: int) -> None:
+    """Build both models on the meta device (no weights, no memory) and pass one image through them: the blocks
+    must exist and the captured token counts fit the active feature terms.
 
     Manifold slices ``e = N_s - N_t`` leading student tokens (``e >= 0``); the attention and norm terms compare
     token maps position by position, so they need ``N_s == N_t``.
     """
     if not feature_distillation(args):
         return
-    image = torch.zeros(1, 3, args.input_size, args.input_size, device=device)
-    with torch.inference_mode():
+    with torch.device('meta'):
+        teacher = random_teacher(args, num_classes)
+        student = create_student(args, teacher, num_classes)
+        image = torch.empty(1, 3, args.input_size, args.input_size)
         teacher(image)
         student(image)
-    tokens_t, tokens_s = captured_tokens(teacher)[0].shape[1], captured_tokens(student)[0].shape[1]
+    tokens_t, tokens_s = teacher.token_capture.pop()[0].shape[1], student.token_capture.pop()[0].shape[1]
     models = f'--model {args.model} has {tokens_s} tokens per block, --teacher-model {args.teacher_model} {tokens_t}'
     if args.manifold and tokens_s < tokens_t:
         raise UserError(f'{models}: the Manifold terms need at least as many student tokens (--no-manifold)')

@@ -1,48 +1,17 @@
-"""Distributed setup, metric logging and checkpoint I/O for the DeiT-style training scripts.
+"""DeiT's small helpers: distributed setup and collectives, metric logging, and the user-error type.
 
-Modernised counterpart of DeiT's ``utils.py``: checkpoints are loaded with ``weights_only=True``
-behind an explicit allow-list and saved atomically; distributed init supports torchrun and SLURM.
+Checkpoint reading and writing live in checkpoints.py, the launcher's environment in launch.py.
 """
-import argparse
 import builtins
 import ctypes
 import datetime
-import os
-import pathlib
-import pickle
-import random
-import re
 import time
-import urllib.error
-import zlib
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-__all__ = [
-    'UserError',
-    'init_distributed_mode', 'setup_for_distributed', 'parse_slurm_nodelist', 'slurm_master_port',
-    'is_dist_avail_and_initialized', 'get_world_size', 'get_rank', 'is_main_process', 'barrier',
-    'any_rank',
-    'SmoothedValue', 'MetricLogger',
-    'save_checkpoint', 'save_on_master', 'load_checkpoint', 'strip_prefix', 'unwrap_model',
-    'retain_freed_memory', 'seed_everything', 'rng_state', 'set_rng_state', 'gather_rng_states',
-    'restore_rng_states', 'format_seconds',
-]
-
-PathLike = Union[str, os.PathLike]
-
-DEFAULT_DIST_URL = 'env://'
-DEFAULT_DIST_TIMEOUT_MIN = 30
-DEFAULT_DEVICE = 'cuda'
-
-# Ports derived from a SLURM job id stay clear of well-known/registered low ports and of the
-# Linux ephemeral range (32768+ is shared, but a job-id spread keeps collisions unlikely).
-SLURM_PORT_MIN = 20000
-SLURM_PORT_MAX = 59999
 
 DEFAULT_WINDOW_SIZE = 20
 BYTES_PER_MB = 1024.0 * 1024.0
@@ -53,9 +22,6 @@ SECONDS_PER_HOUR = 60 * SECONDS_PER_MINUTE
 MALLOPT_TRIM_THRESHOLD = -1
 MALLOPT_MMAP_MAX = -4
 NEVER_TRIM = 2 ** 31 - 1
-
-# Error reasons are shown on one line to the user; torch's messages can be paragraphs long.
-MAX_REASON_CHARS = 200
 
 
 class UserError(Exception):
@@ -96,14 +62,8 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    """Synchronise all ranks; a no-op when not distributed."""
-    if is_dist_avail_and_initialized():
-        dist.barrier()
-
-
-def _collective_device() -> torch.device:
-    # NCCL only reduces CUDA tensors; gloo wants CPU tensors.
+def collective_device() -> torch.device:
+    """Where tensors for a collective live: NCCL reduces CUDA tensors, gloo CPU ones."""
     if is_dist_avail_and_initialized() and dist.get_backend() == dist.Backend.NCCL:
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
@@ -113,136 +73,28 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (identity when not distributed)."""
     if get_world_size() == 1:
         return bool(flag)
-    t = torch.tensor(float(flag), device=_collective_device())
+    t = torch.tensor(float(flag), device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def _expand_host_pattern(pattern: str) -> List[str]:
-    """Expand one host pattern with zero or more bracket groups, e.g. ``rack[1-2]-n[01,03]``."""
-    match = re.search(r'\[([^\]]*)\]', pattern)
-    if match is None:
-        return [pattern]
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    values = []
-    for item in match.group(1).split(','):
-        item = item.strip()
-        if not item:
-            continue
-        if '-' in item:
-            lo, hi = item.split('-', 1)
-            # Zero padding in the range start ("01-10") is part of the host names.
-            width = len(lo)
-            values.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-        else:
-            values.append(item)
-    return [head + v + rest for v in values for rest in _expand_host_pattern(tail)]
-
-
-def parse_slurm_nodelist(nodelist: str) -> List[str]:
-    """Expand a compact SLURM node list (``node[01-03,07],gpu5``) into host names, in order."""
-    hosts: List[str] = []
-    depth = 0
-    start = 0
-    # Commas inside brackets separate indices, not hosts, so split only at depth 0.
-    for i, ch in enumerate(nodelist + ','):
-        if ch == '[':
-            depth += 1
-        elif ch == ']':
-            depth -= 1
-        elif ch == ',' and depth == 0:
-            token = nodelist[start:i].strip()
-            if token:
-                hosts.extend(_expand_host_pattern(token))
-            start = i + 1
-    return hosts
-
-
-def slurm_master_port(job_id: str) -> int:
-    """Deterministic rendezvous port for a SLURM job, in ``[SLURM_PORT_MIN, SLURM_PORT_MAX]``.
-
-    Every task of the job computes the same port without communicating; consecutive job ids map
-    to different ports so concurrent jobs on the same node rarely collide.
-    """
-    job_id = job_id.strip()
-    # crc32 rather than hash(): str hashes are salted per interpreter, ranks must agree.
-    key = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-    return SLURM_PORT_MIN + key % (SLURM_PORT_MAX - SLURM_PORT_MIN + 1)
-
-
-def _setup_slurm_rendezvous(args: argparse.Namespace) -> None:
-    """Fill MASTER_ADDR / MASTER_PORT for ``env://`` when launched by srun without torchrun."""
-    if not os.environ.get('MASTER_ADDR'):
-        addr = os.environ.get('SLURM_LAUNCH_NODE_IPADDR')
-        if not addr:
-            nodelist = os.environ.get('SLURM_NODELIST') or os.environ.get('SLURM_JOB_NODELIST') or ''
-            hosts = parse_slurm_nodelist(nodelist)
-            if not hosts:
-                raise UserError(
-                    'cannot find the master node under SLURM: set MASTER_ADDR '
-                    '(SLURM_LAUNCH_NODE_IPADDR, SLURM_NODELIST and SLURM_JOB_NODELIST are empty)')
-            addr = hosts[0]
-        os.environ['MASTER_ADDR'] = addr
-    if not os.environ.get('MASTER_PORT'):
-        port = getattr(args, 'dist_port', None)
-        if port is None:
-            job_id = os.environ.get('SLURM_JOB_ID')
-            if not job_id:
-                raise UserError('cannot choose a port under SLURM: set MASTER_PORT or --dist-port '
-                                '(SLURM_JOB_ID is not set)')
-            port = slurm_master_port(job_id)
-        os.environ['MASTER_PORT'] = str(port)
-
-
-def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Initialise ``torch.distributed`` from torchrun or SLURM env vars, else run single-process.
-
-    Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank) and
-    ``args.dist_backend``.
-    """
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        args.rank = int(os.environ['RANK'])
-        args.world_size = int(os.environ['WORLD_SIZE'])
-        # torch.distributed.launch passes --local-rank as well; the env var is authoritative.
-        local_rank = os.environ.get('LOCAL_RANK')
-        args.gpu = int(local_rank) if local_rank is not None else int(getattr(args, 'local_rank', 0) or 0)
-    elif 'SLURM_PROCID' in os.environ:
-        args.rank = int(os.environ['SLURM_PROCID'])
-        args.world_size = int(os.environ.get('SLURM_NTASKS', '1'))
-        args.gpu = int(os.environ.get('SLURM_LOCALID', '0'))
-        _setup_slurm_rendezvous(args)
-    else:
+def init_distributed_mode(launch, device: torch.device, dist_url: str, timeout_minutes: float) -> None:
+    """Join the process group described by ``launch`` (a ``launch.LaunchEnvironment``): NCCL on CUDA, gloo on the
+    CPU; non-master ranks stop printing. A no-op for one process."""
+    if not launch.distributed:
         print('Not using distributed mode')
-        args.distributed = False
-        args.rank = 0
-        args.world_size = 1
-        args.gpu = 0
-        args.dist_backend = None
         return
-
-    args.distributed = True
-    device = str(getattr(args, 'device', DEFAULT_DEVICE))
-    use_nccl = device.startswith('cuda') and torch.cuda.is_available()
-    args.dist_backend = 'nccl' if use_nccl else 'gloo'
-    args.dist_url = getattr(args, 'dist_url', None) or DEFAULT_DIST_URL
-    timeout = datetime.timedelta(minutes=getattr(args, 'dist_timeout', DEFAULT_DIST_TIMEOUT_MIN))
-
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
     init_kwargs: Dict[str, Any] = {}
-    if use_nccl:
-        torch.cuda.set_device(args.gpu)
-        # Binding the device up front lets NCCL init eagerly and barrier() use the right GPU.
-        init_kwargs['device_id'] = torch.device('cuda', args.gpu)
-    print(f'| distributed init (rank {args.rank}): {args.dist_url}, backend {args.dist_backend}', flush=True)
-    dist.init_process_group(
-        backend=args.dist_backend,
-        init_method=args.dist_url,
-        world_size=args.world_size,
-        rank=args.rank,
-        timeout=timeout,
-        **init_kwargs,
-    )
+    if backend == 'nccl':
+        torch.cuda.set_device(device)
+        # Binding the device up front lets NCCL initialise eagerly on the right GPU.
+        init_kwargs['device_id'] = device
+    print(f'| distributed init (rank {launch.rank}): {dist_url}, backend {backend}', flush=True)
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=launch.world_size, rank=launch.rank,
+                            timeout=datetime.timedelta(minutes=timeout_minutes), **init_kwargs)
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(launch.rank == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +127,7 @@ class SmoothedValue:
         """All-reduce ``count`` and ``total``; the window stays per-rank."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
         dist.barrier()
         dist.all_reduce(t)
         self.count = int(t[0].item())
@@ -392,201 +244,7 @@ class MetricLogger:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable; not every OS/filesystem allows opening a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
-    """Save ``state`` atomically: a crash mid-save leaves any previous file at ``path`` intact."""
-    path = os.fspath(path)
-    tmp_path = f'{path}.tmp.{os.getpid()}'
-    try:
-        with open(tmp_path, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def save_on_master(state: Dict[str, Any], path: PathLike) -> None:
-    """``save_checkpoint`` on the main process only."""
-    if is_main_process():
-        save_checkpoint(state, path)
-
-
-def _numpy_multiarray_scalar() -> Any:
-    core = getattr(np, '_core', None)  # numpy >= 2 renamed numpy.core to numpy._core
-    if core is None:
-        core = np.core
-    return core.multiarray.scalar
-
-
-def _checkpoint_safe_globals() -> List[Any]:
-    """Globals that DeiT / timm checkpoints legitimately reference beyond plain tensors.
-
-    Entries are ``(object, "pickled.name")`` where the name in old files differs from the
-    object's current module path (numpy 1 vs 2, pathlib flavours across OSes).
-    """
-    scalar = _numpy_multiarray_scalar()
-    safe: List[Any] = [
-        argparse.Namespace,
-        pathlib.PurePosixPath,
-        pathlib.PureWindowsPath,
-        (scalar, 'numpy.core.multiarray.scalar'),
-        (scalar, 'numpy._core.multiarray.scalar'),
-        np.dtype,
-    ]
-    native_flavour = 'WindowsPath' if os.name == 'nt' else 'PosixPath'
-    for flavour, pure in (('PosixPath', pathlib.PurePosixPath), ('WindowsPath', pathlib.PureWindowsPath)):
-        # The other OS's concrete path cannot be instantiated here, so it loads as a pure path.
-        target = getattr(pathlib, flavour) if flavour == native_flavour else pure
-        # Python 3.13 moved the classes to pathlib._local; older pickles say pathlib.
-        for module in {'pathlib', getattr(pathlib, flavour).__module__}:
-            safe.append((target, f'{module}.{flavour}'))
-    dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25 pickles dtypes via these classes
-    if dtypes is not None:
-        safe.extend(getattr(dtypes, name) for name in sorted(dir(dtypes)) if name.endswith('DType'))
-    return safe
-
-
-# Substrings of torch's weights-only unpickler errors raised when a pickle asks for a global,
-# call or object construction that is not allow-listed, i.e. something that could run code.
-_REFUSAL_MARKERS = (
-    'unsupported global',
-    'trying to call reduce for unrecognized function',
-    'can only create new object',
-    'can only build',
-    'must be imported to load',
-)
-# Substrings of RuntimeErrors that mean the bytes are not a readable torch archive.
-_FORMAT_MARKERS = (
-    'pytorchstreamreader',
-    'zip archive',
-    'magic number',
-    'central directory',
-    'unpickl',
-    'inline_container',
-    'endianness',
-)
-_WEIGHTS_ONLY_DETAIL = 'WeightsUnpickler error:'
-
-
-def _one_line_reason(exc: BaseException) -> str:
-    """A short single-line reason from an exception, skipping torch's boilerplate advice."""
-    text = str(exc)
-    if _WEIGHTS_ONLY_DETAIL in text:
-        text = text.split(_WEIGHTS_ONLY_DETAIL, 1)[1]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reason = lines[0] if lines else ''
-    # Bare messages like "101" (KeyError) or "" (EOFError) mean nothing without the type.
-    if not isinstance(exc, (pickle.UnpicklingError, RuntimeError)):
-        reason = f'{type(exc).__name__}: {reason}' if reason else type(exc).__name__
-    if len(reason) > MAX_REASON_CHARS:
-        reason = reason[:MAX_REASON_CHARS - 3] + '...'
-    return reason
-
-
-def _classify_load_error(path: str, exc: BaseException) -> UserError:
-    text = str(exc)
-    lowered = text.lower()
-    if any(marker in lowered for marker in _REFUSAL_MARKERS):
-        match = re.search(r'GLOBAL (\S+)', text)
-        what = f'it references {match.group(1)}, which is not allow-listed' if match else _one_line_reason(exc)
-        return UserError(f'{path} was refused: it would run code when loaded ({what})')
-    if isinstance(exc, RuntimeError) and not any(marker in lowered for marker in _FORMAT_MARKERS):
-        # e.g. a CUDA checkpoint on a CPU-only host without map_location: a real file, wrong setup.
-        return UserError(f'cannot load checkpoint {path}: {_one_line_reason(exc)}')
-    return UserError(f'{path} is not a PyTorch checkpoint: {_one_line_reason(exc)}')
-
-
-def load_checkpoint(path_or_url: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """Load a checkpoint dict from a local path or an http(s) URL without running pickled code.
-
-    Uses ``weights_only=True`` plus a small allow-list (argparse.Namespace, pathlib paths, numpy
-    scalars/dtypes) so original DeiT checkpoints with their ``args`` entry still load.
-    """
-    source = os.fspath(path_or_url)
-    is_url = source.startswith(('https://', 'http://'))
-    if not is_url:
-        if not os.path.exists(source):
-            raise UserError(f'checkpoint not found: {source}')
-        if os.path.isdir(source):
-            raise UserError(f'{source} is not a PyTorch checkpoint: it is a directory')
-        if os.path.getsize(source) == 0:
-            raise UserError(f'{source} is not a PyTorch checkpoint: the file is empty')
-        # Surface permission problems as such rather than as a format error.
-        try:
-            with open(source, 'rb'):
-                pass
-        except OSError as e:
-            raise UserError(f'cannot read checkpoint {source}: {e.strerror or e}') from None
-
-    try:
-        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
-            if is_url:
-                checkpoint = torch.hub.load_state_dict_from_url(
-                    source, map_location=map_location, check_hash=False, weights_only=True)
-            else:
-                checkpoint = torch.load(source, map_location=map_location, weights_only=True)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise UserError(f'cannot download checkpoint {source}: {_one_line_reason(e)}') from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError,
-            TypeError, AttributeError, OSError) as e:
-        # Malformed bytes surface as any of these (a truncated zip even as OSError EINVAL).
-        raise _classify_load_error(source, e) from None
-
-    if not isinstance(checkpoint, dict):
-        raise UserError(f'{source} is not a PyTorch checkpoint: expected a dict, got {type(checkpoint).__name__}')
-    return checkpoint
-
-
-def strip_prefix(state_dict: Dict[str, Any], prefix: str = 'module.') -> Dict[str, Any]:
-    """Remove ``prefix`` from the keys that start with it (e.g. DDP-saved ``module.`` keys)."""
-    if not prefix:
-        return dict(state_dict)
-    out: Dict[str, Any] = {}
-    for key, value in state_dict.items():
-        new_key = key[len(prefix):] if key.startswith(prefix) else key
-        if new_key in out:
-            raise ValueError(f'stripping {prefix!r} maps two keys onto {new_key!r}')
-        out[new_key] = value
-    return out
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers, nested."""
-    while True:
-        if isinstance(getattr(model, 'module', None), torch.nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, '_orig_mod', None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Misc
+# Memory
 # ---------------------------------------------------------------------------------------------
 
 def retain_freed_memory() -> bool:
@@ -602,55 +260,3 @@ def retain_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(MALLOPT_MMAP_MAX, 0)) and bool(mallopt(MALLOPT_TRIM_THRESHOLD, NEVER_TRIM))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's (CPU and all CUDA devices) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed)
-    # torch.manual_seed already seeds every CUDA device, so no separate cuda call is needed.
-    torch.manual_seed(seed)
-
-
-def rng_state() -> Dict[str, Any]:
-    """This process's Python, numpy and torch (CPU and CUDA) RNG states.
-
-    Only tensors and plain Python values, so that ``load_checkpoint`` (weights-only) reads them back.
-    """
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        'python': random.getstate(),
-        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
-                  'cached_gaussian': float(cached_gaussian)},
-        'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what ``rng_state`` returned; CUDA states are restored only onto as many devices."""
-    version, internal, gauss_next = state['python']
-    random.setstate((version, tuple(internal), gauss_next))
-    np_state = state['numpy']
-    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
-                         np_state['has_gauss'], np_state['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def gather_rng_states() -> List[Dict[str, Any]]:
-    """Every rank's ``rng_state()``, in rank order (collective: call it on all ranks)."""
-    states: List[Any] = [None] * get_world_size()
-    if len(states) == 1:
-        return [rng_state()]
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng_states(states: Optional[List[Dict[str, Any]]]) -> bool:
-    """Restore this rank's entry of ``gather_rng_states()``; False (nothing done) when the world size differs."""
-    if not states or len(states) != get_world_size():
-        return False
-    set_rng_state(states[get_rank()])
-    return True

@@ -261,7 +261,7 @@ def make_data(args: argparse.Namespace, data_path: Path) -> None:
     """Draw the shapes data set at the input size (small inputs are used as they are, not rescaled)."""
     if all((data_path / split).is_dir() for split in ('train', 'val')):
         return
-    subprocess.run([sys.executable, 'datasets.py', '--make-shapes', str(data_path),
+    subprocess.run([sys.executable, 'shapes.py', str(data_path),
                     '--train-per-class', str(args.train_per_class), '--val-per-class', str(args.val_per_class),
                     '--image-size', str(args.input_size), '--seed', str(args.seed)],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-import datasets
+import shapes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def run_main(argv: list[str], timeout: float = 600, **kwargs) -> subprocess.Comp
 
 
 def make_shapes(root: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
-    datasets.make_shapes_dataset(str(root), train_per_class=train_per_class, val_per_class=val_per_class)
+    shapes.make_shapes_dataset(str(root), train_per_class=train_per_class, val_per_class=val_per_class)
     return root
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import main  # noqa: E402  (needs the repository on the path)
+import checkpoints  # noqa: E402  (needs the repository on the path)
+import main  # noqa: E402
 import utils  # noqa: E402
 
 RANK_FILE = 'rank{rank}-{name}'
-save_on_master = utils.save_on_master
+save_on_master = checkpoints.save_on_master
 train_one_epoch = main.train_one_epoch
 sampler_log: list[dict] = []
 
@@ -27,7 +28,7 @@ def rank_path(path: Path, rank: int) -> Path:
 
 def save_on_every_rank(state: dict, path) -> None:
     """Save this rank's copy (with the sampler log), then do what main.py does (rank 0 writes ``path``)."""
-    utils.save_checkpoint({**state, 'sampler_log': sampler_log}, rank_path(Path(path), utils.get_rank()))
+    checkpoints.save_checkpoint({**state, 'sampler_log': sampler_log}, rank_path(Path(path), utils.get_rank()))
     save_on_master(state, path)
 
 
@@ -41,6 +42,6 @@ def logging_train_one_epoch(model, teacher, criterion, data_loader, optimizer, d
 
 
 if __name__ == '__main__':
-    utils.save_on_master = save_on_every_rank
+    checkpoints.save_on_master = save_on_every_rank
     main.train_one_epoch = logging_train_one_epoch
     sys.exit(main.run())

@@ -67,7 +67,7 @@ def test_block_out_of_range(flag, shapes, tiny_teacher, capsys):
 
 def test_k_below_one(shapes, tiny_teacher, capsys):
     argv = ['--data-path', str(shapes), '--teacher-path', str(tiny_teacher)] + MANIFOLD + FAST + ['--K', '0']
-    fails_with(argv, capsys, '--K 0')
+    fails_with(argv, capsys, '--K', 'got 0')
 
 
 def test_distillation_without_teacher_path(shapes, capsys):

@@ -1,6 +1,6 @@
 """The published checkpoints' layouts, rebuilt with random weights, load through the real code paths.
 
-Students (the [CLS]-KD and Manifold releases) go through ``main.run --eval --resume`` and ``main.load_model_weights``;
+Students (the [CLS]-KD and Manifold releases) go through ``main.run --eval --resume`` and ``checkpoints.load_student_weights``;
 teachers (DeiT, CaiT from DeiT's release, TNT-S as timm 0.5.4 and the original TNT release saved it) through
 ``models.create_teacher``.
 """
@@ -12,11 +12,12 @@ import pytest
 import timm
 import torch
 
+import checkpoints
 import datasets
 import engine
 import main
 import models
-import utils
+from shapes import make_shapes_dataset
 from helpers import CLSKD_TEST, MANIFOLD_TRAIN, main_argv, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_CLASSES = 1000
@@ -103,7 +104,7 @@ def published_args(model_name: str, teacher_model: str) -> argparse.Namespace:
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('shapes')
-    return Path(datasets.make_shapes_dataset(str(root), num_classes=EVAL_CLASSES, train_per_class=1,
+    return Path(make_shapes_dataset(str(root), num_classes=EVAL_CLASSES, train_per_class=1,
                                              val_per_class=1, image_size=SMALL_IMAGE_SIZE))
 
 
@@ -137,7 +138,7 @@ def test_clskd_student_evaluates_and_resumes(file_name, shapes, tmp_path, capsys
     args = main.get_args_parser().parse_args(argv[1:])
     args.nb_classes = NUM_CLASSES
     resumed = models.create_student(args)
-    main.load_model_weights(resumed, utils.load_checkpoint(str(path))['model'], str(path), training=True)
+    checkpoints.load_student_weights(resumed, checkpoints.load_checkpoint(str(path))['model'], str(path), training=True)
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in state.items())
 
 
@@ -190,7 +191,7 @@ def test_cait_s24_teacher_from_deit_release(tmp_path):
     assert_loaded(teacher, source)
     with torch.inference_mode():
         logits = teacher(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    tokens = models.captured_tokens(teacher)
+    tokens = teacher.token_capture.pop()
     assert logits.shape == (1, NUM_CLASSES)
     assert [t.shape for t in tokens] == [(1, CAIT_PATCHES, teacher.embed_dim)] * len(CAIT_T_ID)
 
@@ -220,4 +221,4 @@ def test_tnt_s_teacher(layout, tmp_path):
     if layout == 'timm_0.5.4':
         with torch.inference_mode():
             teacher(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-        assert [t.shape for t in models.captured_tokens(teacher)] == [(1, CAIT_PATCHES + 1, teacher.embed_dim)] * 2
+        assert [t.shape for t in teacher.token_capture.pop()] == [(1, CAIT_PATCHES + 1, teacher.embed_dim)] * 2

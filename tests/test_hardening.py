@@ -11,7 +11,7 @@ import timm
 import torch
 
 import main
-import utils
+import checkpoints
 from helpers import REPO, make_shapes, run_main, save_teacher
 
 TINY = ['--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--num_workers', '0', '--input-size', '32',
@@ -43,7 +43,7 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_checkpoint(shapes, 
     assert error.startswith('error: non-finite loss at epoch 1, step 0: ')
     assert 'kd=nan' in error and 'base=' in error and 'loss=nan' in error
     assert (out / 'checkpoint.pth').read_bytes() == saved
-    assert utils.load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
+    assert checkpoints.load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
 
 
 def start_training(argv, **kwargs) -> subprocess.Popen:
@@ -75,7 +75,7 @@ def test_preemption_saves_and_exits_for_requeue_then_auto_resumes(sig, shapes, t
     rest = process.communicate(timeout=START_TIMEOUT_S)[0]
     assert process.returncode == main.EXIT_REQUEUE, rest[-2000:]
     assert 'Preempted: saved' in rest
-    checkpoint = utils.load_checkpoint(str(out / 'checkpoint.pth'))
+    checkpoint = checkpoints.load_checkpoint(str(out / 'checkpoint.pth'))
     assert checkpoint['epoch'] == -1 and 'optimizer' in checkpoint
 
     resumed = run_main(argv)

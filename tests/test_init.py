@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from timm.layers import Mlp
 
 import main
 import models
@@ -92,7 +93,7 @@ def rule_of_every_parameter(model: nn.Module) -> dict[str, str]:
 @pytest.mark.parametrize('student,teacher,w_cls', STUDENTS)
 def test_fresh_student_starts_as_the_originals(student, teacher, w_cls):
     model = build(student, teacher, w_cls)
-    assert hasattr(model, 'projector') == (w_cls == '1' and model.embed_dim != TEACHER_WIDTH[teacher])
+    assert isinstance(model.projector, Mlp) == (w_cls == '1' and model.embed_dim != TEACHER_WIDTH[teacher])
     params = dict(model.named_parameters())
     conv = model.patch_embed.proj
     fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]

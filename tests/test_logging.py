@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-import datasets
 import main
+from shapes import make_shapes_dataset
 from helpers import save_teacher
 
 IMAGE_SIZE = 32
@@ -20,7 +20,7 @@ TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes')
-    datasets.make_shapes_dataset(str(root), train_per_class=1, val_per_class=1, image_size=IMAGE_SIZE)
+    make_shapes_dataset(str(root), train_per_class=1, val_per_class=1, image_size=IMAGE_SIZE)
     return root
 
 

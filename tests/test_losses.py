@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import losses
 import main
-import models
+from timm.layers import Mlp
 
 N_PAIRS, BATCH, TOKENS_S, TOKENS_T, DIM_S, DIM_T = 3, 4, 6, 5, 8, 12
 
@@ -91,7 +91,7 @@ def test_cls_projector_and_attention_with_ald():
     g = torch.Generator().manual_seed(2)
     student, teacher = tokens(g, TOKENS_T, DIM_S), tokens(g, TOKENS_T, DIM_T)
     torch.manual_seed(0)
-    projector = models.Projector(DIM_S, DIM_T)
+    projector = Mlp(DIM_S, (DIM_S + DIM_T) // 2, DIM_T)
     terms = criterion_terms(make_args(w_cls=1.5, w_atn=2.0, last_w=4.0), (student, teacher), projector)
     cls = [mse(projector(F.normalize(s[:, 0], dim=-1)), F.normalize(t[:, 0], dim=-1)) for s, t in zip(student, teacher)]
     atn = []
@@ -113,7 +113,7 @@ def test_cls_relation_and_both_and_norm(pairs):
     assert terms['cls'].item() == pytest.approx(reference_ald(relation, 2.0).item(), rel=1e-5)
 
     torch.manual_seed(0)
-    projector = models.Projector(DIM_S, DIM_T)
+    projector = Mlp(DIM_S, (DIM_S + DIM_T) // 2, DIM_T)
     both = criterion_terms(make_args(w_cls=1.0, dim_match='both', w_proj=0.5, w_relation=3.0), pairs, projector)
     proj = [mse(projector(F.normalize(s[:, 0], dim=-1)), F.normalize(t[:, 0], dim=-1)) for s, t in zip(student, teacher)]
     assert both['cls_proj'].item() == pytest.approx(0.5 * (sum(proj) / N_PAIRS).item(), rel=1e-5)

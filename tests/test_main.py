@@ -8,12 +8,13 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import benchmark
 import datasets
 import engine
 import main
 from helpers import CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, main_argv, make_shapes, run_main, save_teacher
 from losses import build_criterion
-from models import build_teacher, create_student
+from models import create_student, random_teacher
 
 CLSKD_TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
 DEIT_LINE = re.compile(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', re.M)
@@ -136,7 +137,7 @@ def test_flop_count_includes_cpu_attention():
     attention = 2 * 2 * tokens * tokens * width  # q k^T and the weighted sum of v, over all heads
     expected = conv + depth * (linears + attention) + 2 * width * classes
     model = timm.create_model('deit_tiny_patch16_224', img_size=32).eval()
-    engine.count_cpu_attention_flops()
+    benchmark.count_cpu_attention_flops()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 32, 32))
     assert counter.get_total_flops() == expected
@@ -146,7 +147,7 @@ def test_flop_count_includes_cpu_attention():
 def test_adam_optimizers_are_fused_on_cpu(opt, fused):
     args = main.get_args_parser().parse_args(['--opt', opt])
     optimizer = main.build_optimizer(args, timm.create_model('deit_tiny_patch16_224', img_size=32),
-                                      torch.device('cpu'))
+                                      torch.device('cpu'), args.lr)
     assert optimizer.defaults.get('fused') is fused
 
 
@@ -159,7 +160,7 @@ def test_compiled_models_give_the_eager_losses_and_gradients():
     args = main.get_args_parser().parse_args(argv)
     args.nb_classes = 10
     torch.manual_seed(0)
-    teacher = build_teacher(args)
+    teacher = random_teacher(args, 10)
     student = create_student(args, teacher)
     criterion = build_criterion(args)
     samples = torch.randn(4, 3, 32, 32)

@@ -13,8 +13,9 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-import datasets
+import checkpoints
 import main
+from shapes import SHAPES_NUM_CLASSES, make_shapes_dataset
 from helpers import one_thread, save_teacher  # noqa: F401 (autouse fixture)
 
 IMAGE_SIZE = 32
@@ -45,9 +46,9 @@ def keep_signal_handlers():
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp('resume')
-    shapes = datasets.make_shapes_dataset(str(root / 'shapes'), train_per_class=2, val_per_class=1,
+    shapes = make_shapes_dataset(str(root / 'shapes'), train_per_class=2, val_per_class=1,
                                           image_size=IMAGE_SIZE)
-    teacher = save_teacher(root / 'deit_small.pth', 'deit_small_patch16_224', num_classes=datasets.SHAPES_NUM_CLASSES,
+    teacher = save_teacher(root / 'deit_small.pth', 'deit_small_patch16_224', num_classes=SHAPES_NUM_CLASSES,
                            img_size=IMAGE_SIZE)
     return Path(shapes), teacher
 
@@ -112,14 +113,14 @@ def test_auto_resume_continues_exactly(data, uninterrupted, tmp_path, monkeypatc
         stop_at(patch, STOP_EPOCH, crash)
         with pytest.raises(Crash):
             main.run(train_argv(data, out, '--epochs', str(EPOCHS)))
-    assert load(out / main.CHECKPOINT_NAME)['epoch'] == STOP_EPOCH - 1
+    assert load(out / checkpoints.CHECKPOINT_NAME)['epoch'] == STOP_EPOCH - 1
     capsys.readouterr()
 
     # The same command again: no --resume, the run finds output_dir/checkpoint.pth itself.
     assert main.run(train_argv(data, out, '--epochs', str(EPOCHS))) == 0
     stdout = capsys.readouterr().out
-    assert f'Auto-resume: continuing from {out / main.CHECKPOINT_NAME}' in stdout
-    assert f'Resumed from {out / main.CHECKPOINT_NAME} at epoch {STOP_EPOCH}' in stdout
+    assert f'Auto-resume: continuing from {out / checkpoints.CHECKPOINT_NAME}' in stdout
+    assert f'Resumed from {out / checkpoints.CHECKPOINT_NAME} at epoch {STOP_EPOCH}' in stdout
 
     expected, resumed = read_log(uninterrupted), read_log(out)
     assert [e['epoch'] for e in resumed] == list(range(EPOCHS))
@@ -128,7 +129,7 @@ def test_auto_resume_continues_exactly(data, uninterrupted, tmp_path, monkeypatc
     # Same data order, augmentations, drop paths and random tokens: every logged number is identical.
     assert resumed == expected
 
-    a, b = load(uninterrupted / main.CHECKPOINT_NAME), load(out / main.CHECKPOINT_NAME)
+    a, b = load(uninterrupted / checkpoints.CHECKPOINT_NAME), load(out / checkpoints.CHECKPOINT_NAME)
     assert a['epoch'] == b['epoch'] == EPOCHS - 1
     assert_tensors_equal(a['model'], b['model'], 'model')
     assert_tensors_equal(a['model_ema'], b['model_ema'], 'model_ema')
@@ -145,7 +146,7 @@ def test_preemption_saves_exits_75_and_requeue_resumes(data, uninterrupted, tmp_
     stderr = capsys.readouterr().err
     assert 'Received SIGTERM' in stderr and f'exiting with code {main.EXIT_REQUEUE}' in stderr
     # The interrupted epoch is not finished: the checkpoint says the one before, so it is repeated.
-    assert load(out / main.CHECKPOINT_NAME)['epoch'] == STOP_EPOCH - 1
+    assert load(out / checkpoints.CHECKPOINT_NAME)['epoch'] == STOP_EPOCH - 1
     assert [e['epoch'] for e in read_log(out)] == list(range(STOP_EPOCH))
 
     assert main.run(train_argv(data, out, '--epochs', str(EPOCHS))) == 0
@@ -153,7 +154,7 @@ def test_preemption_saves_exits_75_and_requeue_resumes(data, uninterrupted, tmp_
     resumed, expected = read_log(out), read_log(uninterrupted)
     assert [e['epoch'] for e in resumed] == list(range(EPOCHS))
     assert [e['train_lr'] for e in resumed] == [e['train_lr'] for e in expected]
-    a, b = load(uninterrupted / main.CHECKPOINT_NAME), load(out / main.CHECKPOINT_NAME)
+    a, b = load(uninterrupted / checkpoints.CHECKPOINT_NAME), load(out / checkpoints.CHECKPOINT_NAME)
     assert a['lr_scheduler'] == b['lr_scheduler']
     steps = [[s['step'] for s in c['optimizer']['state'].values()] for c in (a, b)]
     assert steps[0] != steps[1], 'the preempted epoch ran one step before stopping, so the step counts differ'
@@ -162,12 +163,12 @@ def test_preemption_saves_exits_75_and_requeue_resumes(data, uninterrupted, tmp_
 def test_no_auto_resume_starts_afresh(data, uninterrupted, tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
-    (out / main.CHECKPOINT_NAME).write_bytes((uninterrupted / main.CHECKPOINT_NAME).read_bytes())
+    (out / checkpoints.CHECKPOINT_NAME).write_bytes((uninterrupted / checkpoints.CHECKPOINT_NAME).read_bytes())
     assert main.run(train_argv(data, out, '--epochs', '1', '--no-auto-resume')) == 0
     stdout = capsys.readouterr().out
     assert 'Auto-resume' not in stdout and 'Resumed from' not in stdout
     assert [e['epoch'] for e in read_log(out)] == [0]
-    assert load(out / main.CHECKPOINT_NAME)['epoch'] == 0
+    assert load(out / checkpoints.CHECKPOINT_NAME)['epoch'] == 0
 
 
 def test_best_checkpoint_follows_test_acc1(data, tmp_path, monkeypatch):
@@ -182,14 +183,14 @@ def test_best_checkpoint_follows_test_acc1(data, tmp_path, monkeypatch):
     monkeypatch.setattr(main, 'evaluate', scripted_evaluate)
     argv = train_argv(data, out, '--no-model-ema', '--distillation-type', 'none', '--epochs')
     assert main.run(argv + ['3']) == 0
-    best, last = load(out / main.BEST_CHECKPOINT_NAME), load(out / main.CHECKPOINT_NAME)
+    best, last = load(out / checkpoints.BEST_CHECKPOINT_NAME), load(out / checkpoints.CHECKPOINT_NAME)
     assert (best['epoch'], best['max_accuracy']) == (1, 30.0)
     assert (last['epoch'], last['max_accuracy']) == (2, 30.0)
     assert not torch.equal(best['model']['head.weight'], last['model']['head.weight'])
 
     # A restart keeps the best accuracy: 25 % in epoch 3 does not replace the 30 % of epoch 1.
     assert main.run(argv + ['4']) == 0
-    assert load(out / main.BEST_CHECKPOINT_NAME)['epoch'] == 1
+    assert load(out / checkpoints.BEST_CHECKPOINT_NAME)['epoch'] == 1
     assert [e['test_acc1'] for e in read_log(out)] == [10.0, 30.0, 20.0, 25.0]
 
 
@@ -205,11 +206,11 @@ def test_finetune_resizes_pos_embed_and_drops_head(data, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert 'Removing key head.weight' in stdout and 'Removing key head.bias' in stdout
 
-    tuned = load(out / main.CHECKPOINT_NAME)['model']
+    tuned = load(out / checkpoints.CHECKPOINT_NAME)['model']
     grid = IMAGE_SIZE // pretrained.patch_embed.patch_size[0]
     assert tuned['pos_embed'].shape == (1, 1 + grid * grid, pretrained.embed_dim)
     expected = resample_abs_pos_embed(state['pos_embed'], new_size=(grid, grid), num_prefix_tokens=1)
     assert torch.equal(tuned['pos_embed'], expected)
     assert torch.equal(tuned['pos_embed'][:, 0], state['pos_embed'][:, 0]), 'the [CLS] position is kept'
-    assert tuned['head.weight'].shape == (datasets.SHAPES_NUM_CLASSES, pretrained.embed_dim)
+    assert tuned['head.weight'].shape == (SHAPES_NUM_CLASSES, pretrained.embed_dim)
     assert torch.equal(tuned['blocks.5.attn.qkv.weight'], state['blocks.5.attn.qkv.weight'])

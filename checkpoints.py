@@ -1,0 +1,316 @@
+"""Checkpoints in one place: safe loading, atomic saving, the published layouts, resume and fine-tuning.
+
+Every file is read with ``torch.load(weights_only=True)`` behind a short allow-list, so a pickle that would run code
+is refused before anything of it runs. Writes go to a temporary file that is renamed over the old one.
+"""
+import argparse
+import os
+import pathlib
+import pickle
+import random
+import urllib.error
+import zipfile
+from typing import Any, Optional, Union
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models import clean_state_dict
+
+import utils
+from utils import UserError
+
+PathLike = Union[str, os.PathLike]
+
+CHECKPOINT_NAME = 'checkpoint.pth'
+BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
+URL_SCHEMES = ('https://', 'http://')
+# A [CLS]-KD student's projector is trained with it but takes no part in its predictions.
+PROJECTOR_PREFIX = 'projector.'
+# A fine-tuned model keeps its own classifier when the checkpoint's has another number of classes (DeiT).
+HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
+# Checkpoints of the original TNT-S (timm 0.5.4) have the layout that timm 1.x calls "legacy".
+LEGACY_VARIANTS = {'tnt_s_patch16_224': 'tnt_s_legacy_patch16_224'}
+# A key that only the non-legacy TNT layout has, in timm's naming and in the original TNT release's.
+TNT_NEW_LAYOUT_KEYS = ('blocks.0.norm2_proj.weight', 'blocks.0.proj_norm2.weight')
+TNT_PREFIX = 'tnt_'
+# torch.save writes a zip archive; before PyTorch 1.6 (and with _use_new_zipfile_serialization=False) a pickle
+# stream that starts with this pickled magic number.
+LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=torch.serialization.DEFAULT_PROTOCOL)[:-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing files
+# ---------------------------------------------------------------------------------------------
+
+def _safe_globals() -> list[Any]:
+    """What DeiT / timm checkpoints reference beyond tensors: ``args`` (a Namespace holding paths and numpy
+    scalars). ``(object, "pickled.name")`` entries cover names that moved (numpy 1 -> 2, pathlib per OS)."""
+    scalar = np._core.multiarray.scalar
+    safe: list[Any] = [argparse.Namespace, pathlib.PurePosixPath, pathlib.PureWindowsPath, np.dtype,
+                       (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar')]
+    native_flavour = 'WindowsPath' if os.name == 'nt' else 'PosixPath'
+    for flavour, pure in (('PosixPath', pathlib.PurePosixPath), ('WindowsPath', pathlib.PureWindowsPath)):
+        # The other OS's concrete path cannot be instantiated here, so it loads as a pure path.
+        target = getattr(pathlib, flavour) if flavour == native_flavour else pure
+        # Python 3.13 moved the classes to pathlib._local; older pickles say pathlib.
+        for module in {'pathlib', getattr(pathlib, flavour).__module__}:
+            safe.append((target, f'{module}.{flavour}'))
+    safe.extend(getattr(np.dtypes, name) for name in sorted(dir(np.dtypes)) if name.endswith('DType'))
+    return safe
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
+
+
+def is_torch_archive(path: str) -> bool:
+    """Whether the file is in one of torch.save's formats (a zip archive, or the legacy pickle stream)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(len(LEGACY_HEADER)) == LEGACY_HEADER
+
+
+def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu') -> dict:
+    """A checkpoint dict from a file or an http(s) URL, loaded without running pickled code.
+
+    Errors are told apart by type once a file is known to be in torch.save's format: the weights-only unpickler
+    refuses a pickle that needs more than tensors and the allow-listed globals (``pickle.UnpicklingError``);
+    anything else raised while reading means a damaged archive.
+    """
+    source = os.fspath(path_or_url)
+    is_url = source.startswith(URL_SCHEMES)
+    if not is_url:
+        if not os.path.exists(source):
+            raise UserError(f'checkpoint not found: {source}')
+        if os.path.isdir(source):
+            raise UserError(f'{source} is not a PyTorch checkpoint: it is a directory')
+        if os.path.getsize(source) == 0:
+            raise UserError(f'{source} is not a PyTorch checkpoint: the file is empty')
+        if not os.access(source, os.R_OK):
+            raise UserError(f'cannot read checkpoint {source}: permission denied')
+        if not is_torch_archive(source):
+            raise UserError(f'{source} is not a PyTorch checkpoint: neither a torch.save zip archive nor a legacy '
+                            'torch.save file (truncated, or another format)')
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            if is_url:
+                checkpoint = torch.hub.load_state_dict_from_url(source, map_location=map_location, check_hash=False,
+                                                                weights_only=True)
+            else:
+                checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        raise UserError(f'cannot download checkpoint {source}: {_first_line(err)}') from None
+    except pickle.UnpicklingError:
+        raise UserError(f'{source} was refused: it would run code when loaded (it holds more than tensors and '
+                        'plain values)') from None
+    except Exception as err:  # noqa: BLE001 - malformed bytes surface as any exception type torch.load raises
+        raise UserError(f'{source} is not a PyTorch checkpoint: {_first_line(err)}') from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{source} is not a PyTorch checkpoint: expected a dict, got {type(checkpoint).__name__}')
+    return checkpoint
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; not every OS or file system lets a directory be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: PathLike) -> None:
+    """Save ``state`` atomically: a crash mid-save leaves any previous file at ``path`` intact."""
+    path = os.fspath(path)
+    tmp_path = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a half-written temporary file behind.
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def save_on_master(state: dict, path: PathLike) -> None:
+    """``save_checkpoint`` on the main process only."""
+    if utils.is_main_process():
+        save_checkpoint(state, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights in the published layouts
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_weights(checkpoint: dict) -> dict:
+    """The weights in a training checkpoint or teacher file (``{'model': ...}``, ``{'state_dict': ...}`` or bare),
+    without DDP's or torch.compile's key prefixes."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return clean_state_dict(checkpoint)
+
+
+def load_weights(model: nn.Module, state_dict: dict, path: str, flag: str, model_flag: str) -> None:
+    """Strict load; a file of another architecture is the user's error, named in one line."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    mismatched = sorted(k for k in own.keys() & state_dict.keys()
+                        if tuple(state_dict[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or mismatched:
+        details = [f'{label} {len(keys)} keys (e.g. {keys[0]})'
+                   for label, keys in (('missing', missing), ('unexpected', unexpected),
+                                       ('shape-mismatched', mismatched)) if keys]
+        raise UserError(f'{flag} {path} does not fit {model_flag}: ' + ', '.join(details))
+    model.load_state_dict(state_dict)
+
+
+def teacher_architecture(model_name: str, state_dict: dict) -> str:
+    """The timm architecture a teacher file fits: TNT-S files of timm 0.5.4 need timm 1.x's legacy variant."""
+    if model_name in LEGACY_VARIANTS and not any(key in state_dict for key in TNT_NEW_LAYOUT_KEYS):
+        return LEGACY_VARIANTS[model_name]
+    return model_name
+
+
+def load_teacher_weights(model: nn.Module, state_dict: dict, path: str, model_flag: str) -> None:
+    """A teacher's weights, from DeiT's / CaiT's release layout or (TNT) the original release's names."""
+    if model.default_cfg.get('architecture', '').startswith(TNT_PREFIX):
+        state_dict = timm.models.tnt.checkpoint_filter_fn(state_dict, model)
+    load_weights(model, state_dict, path, '--teacher-path', model_flag)
+
+
+def load_student_weights(model: nn.Module, state_dict: dict, path: str, training: bool) -> None:
+    """``--resume``'s ``X['model']``; for evaluation the projector (training only) is skipped with a note."""
+    state_dict = clean_state_dict(state_dict)
+    if not training:
+        own = model.state_dict()
+        skipped = sorted(k for k in state_dict if k.startswith(PROJECTOR_PREFIX) and k not in own)
+        absent = sorted(k for k in own if k.startswith(PROJECTOR_PREFIX) and k not in state_dict)
+        if skipped or absent:
+            print(f'Note: {path}: the projector is only used in training; its weights are not loaded for evaluation')
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
+            state_dict.update({k: own[k] for k in own if k.startswith(PROJECTOR_PREFIX)})
+    load_weights(model, state_dict, path, '--resume', f'--model {model.default_cfg.get("architecture", "")}')
+
+
+def load_finetune(model: nn.Module, path: str) -> None:
+    """``--finetune``: any checkpoint layout; another class count drops the head, the position embedding is
+    resized to the model's patch grid (DeiT)."""
+    state_dict = checkpoint_weights(load_checkpoint(path))
+    own = model.state_dict()
+    for key in HEAD_KEYS:
+        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+            print(f'Removing key {key} from the pretrained checkpoint')
+            del state_dict[key]
+    if 'pos_embed' in state_dict and state_dict['pos_embed'].shape != model.pos_embed.shape:
+        num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            state_dict['pos_embed'], new_size=model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    print(model.load_state_dict(state_dict, strict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state and resume
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's Python, numpy and torch (CPU and CUDA) RNG states, as tensors and plain values only (so that
+    the weights-only loader reads them back)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                  'cached_gaussian': float(cached_gaussian)},
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned; CUDA states only onto as many devices."""
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state['numpy']
+    np.random.set_state(('MT19937', numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
+                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's ``rng_state()``, in rank order (a collective: call it on all ranks)."""
+    states: list[Any] = [None] * utils.get_world_size()
+    if len(states) == 1:
+        return [rng_state()]
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def training_state(model: nn.Module, optimizer, lr_scheduler, epoch: int, model_ema, scaler,
+                   args: argparse.Namespace, max_accuracy: float) -> dict:
+    """DeiT's checkpoint layout, plus the best accuracy so far and every rank's RNG states (a resumed run then
+    draws the same data order, augmentations and drop paths). A collective: call it on all ranks."""
+    return {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'epoch': epoch,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'scaler': scaler.state_dict(),
+        'args': args,
+        'max_accuracy': max_accuracy,
+        'rng_states': gather_rng_states(),
+    }
+
+
+def auto_resume_path(output_dir: Optional[pathlib.Path]) -> Optional[str]:
+    """``output_dir/checkpoint.pth`` when a previous run left one."""
+    if output_dir is not None and (output_dir / CHECKPOINT_NAME).is_file():
+        return str(output_dir / CHECKPOINT_NAME)
+    return None
+
+
+def resume(path: str, model: nn.Module, training: bool, optimizer=None, lr_scheduler=None, model_ema=None,
+           scaler=None) -> tuple[int, float]:
+    """Load ``path`` into the student and, when training from a full training checkpoint, the optimizer, schedule,
+    EMA, grad scaler and RNG states. Returns ``(start_epoch, max_accuracy)``."""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get('model'), dict):
+        raise UserError(f'--resume {path} is not a training checkpoint: it has no "model" entry')
+    load_student_weights(model, checkpoint['model'], path, training)
+    if not training or not all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        return 0, 0.0
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if model_ema is not None and checkpoint.get('model_ema'):
+        model_ema.module.load_state_dict(clean_state_dict(checkpoint['model_ema']))
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    states = checkpoint.get('rng_states')
+    if states and len(states) == utils.get_world_size():
+        set_rng_state(states[utils.get_rank()])
+    else:
+        print(f'Note: {path} has no RNG states for {utils.get_world_size()} processes; '
+              'the data order and augmentations continue from --seed')
+    start_epoch = checkpoint['epoch'] + 1
+    print(f'Resumed from {path} at epoch {start_epoch}')
+    return start_epoch, checkpoint.get('max_accuracy', 0.0)
