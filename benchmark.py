@@ -148,20 +148,13 @@ def run(args) -> dict[str, float]:
     """Benchmark the training step the flags describe; prints the report and returns the step's numbers."""
     device = torch.device(args.device)
     random_seed(args.seed)
-    teacher = None
-    if args.distillation_type != 'none':
-        if args.teacher_path:
-            teacher = models.create_teacher(args, NUM_CLASSES)
-        else:
-            print('Benchmark: no --teacher-path, the teacher keeps random weights (speed does not depend on them)')
-            teacher = models.random_teacher(args, NUM_CLASSES)
-        teacher.to(device)
+    precision = main.build_precision(args, device)
+    teacher = main.build_teacher(args, NUM_CLASSES, device, precision)
     model = models.create_student(args, teacher, NUM_CLASSES).to(device)
     optimizer = main.build_optimizer(args, model, device, args.lr)
     criterion = build_criterion(args)
     if args.compile:
         model, teacher, criterion = main.compile_models(model, teacher, criterion)
-    precision = main.build_precision(args, device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
     stats = time_training_step(model, teacher, criterion, optimizer, precision, device, args.batch_size,
                                args.input_size, args.benchmark_steps, args.benchmark_warmup, peak,

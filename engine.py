@@ -43,18 +43,25 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a step's loss is NaN or infinite; the message carries the step and every term."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 matrices natively, several times faster than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 class Precision:
     """Mixed precision of the training loop: autocast in ``dtype`` around the forward (none for float32), a grad
-    scaler for float16."""
+    scaler for float16. ``reason`` says why this dtype was chosen (printed by the benchmark)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, reason: str = ''):
         self.device_type = device.type
         self.dtype = dtype
+        self.reason = reason
         self.enabled = dtype != torch.float32
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
 
     def describe(self) -> str:
-        return str(self.dtype).replace('torch.', '')
+        name = str(self.dtype).replace('torch.', '')
+        return f'{name} ({self.reason})' if self.reason else name
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 import checkpoints
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
-from engine import NonFiniteLossError, Precision, evaluate, train_one_epoch
+from engine import NonFiniteLossError, Precision, cpu_has_native_bf16, evaluate, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
-from models import FrozenCompiledTeacher, check_token_shapes, create_student, create_teacher, no_token_capture
+from models import (FrozenCompiledTeacher, check_token_shapes, create_student, create_teacher, no_token_capture,
+                    random_teacher, store_matmul_weights_in)
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -269,8 +270,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                        help='mixed precision (--no-amp: float32)')
     group.add_argument('--amp-dtype', default='auto', choices=['auto', 'bfloat16', 'float16'],
-                       help='autocast dtype (auto: bfloat16 where supported, else float16)')
-    group.add_argument('--amp-cpu', action='store_true', help='autocast on the CPU too')
+                       help='autocast dtype (auto: bfloat16 where supported, else float16 on CUDA)')
+    group.add_argument('--amp-cpu', action='store_true',
+                       help='autocast on a CPU without native bf16 too (with it, the CPU autocasts by default)')
     group.add_argument('--compile', action='store_true',
                        help='torch.compile student, teacher (weights frozen) and loss; the first steps are slow '
                             '(--benchmark shows the gain)')
@@ -340,19 +342,28 @@ def check_args(args: argparse.Namespace) -> None:
 # Builders: each returns what it makes, from the flags and the values it is given
 # ---------------------------------------------------------------------------------------------
 
-def amp_dtype(args, device: torch.device) -> torch.dtype:
-    """bfloat16 where supported, else float16 (with a grad scaler); float32 when AMP is off."""
-    if not args.amp or (device.type == 'cpu' and not args.amp_cpu):
-        return torch.float32
-    if args.amp_dtype != 'auto':
-        return getattr(torch, args.amp_dtype)
-    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def amp_dtype(args, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype of training and why: float32 when AMP is off; on CUDA bfloat16 where supported, else
+    float16 (with a grad scaler); on the CPU bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX:
+    several times the float32 matmul rate), float32 elsewhere unless ``--amp-cpu``."""
+    if not args.amp:
+        return torch.float32, '--no-amp'
+    explicit = getattr(torch, args.amp_dtype) if args.amp_dtype != 'auto' else None
+    if device.type == 'cpu':
+        if not (cpu_has_native_bf16() or args.amp_cpu):
+            return torch.float32, 'no native bf16 on this CPU; --amp-cpu autocasts anyway'
+        if explicit is not None:
+            return explicit, f'--amp-dtype {args.amp_dtype}'
+        return torch.bfloat16, '--amp-cpu' if args.amp_cpu else 'native on this CPU; --no-amp for float32'
+    if explicit is not None:
+        return explicit, f'--amp-dtype {args.amp_dtype}'
+    if not torch.cuda.is_bf16_supported():
+        return torch.float16, 'no bf16 on this GPU; float16 with a grad scaler'
+    return torch.bfloat16, 'the CUDA default; --no-amp for float32'
 
 
 def build_precision(args, device: torch.device) -> Precision:
-    return Precision(device, amp_dtype(args, device))
+    return Precision(device, *amp_dtype(args, device))
 
 
 def scaled_lr(args, world_size: int) -> float:
@@ -397,6 +408,27 @@ def build_loaders(args, dataset_train, dataset_val, launch: LaunchEnvironment) -
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
                             drop_last=False, **workers)
     return loader_train, loader_val
+
+
+def build_teacher(args, num_classes: int, device: torch.device, precision: Precision) -> Optional[torch.nn.Module]:
+    """The frozen teacher on ``device`` (None without distillation), its matmul weights stored in the autocast
+    dtype. Without ``--teacher-path`` (allowed for ``--benchmark`` only) its weights stay random: speed does not
+    depend on them."""
+    if args.distillation_type == 'none':
+        return None
+    print(f'Creating teacher model: {args.teacher_model}')
+    if args.teacher_path:
+        teacher = create_teacher(args, num_classes)
+    else:
+        print('No --teacher-path: the teacher keeps random weights (for the benchmark)')
+        teacher = random_teacher(args, num_classes)
+    if args.dim_t is not None and int(args.dim_t) != teacher.embed_dim:
+        raise UserError(f'--dim-t {args.dim_t:g} does not match --teacher-model {args.teacher_model} '
+                        f'(token width {teacher.embed_dim})')
+    teacher.to(device)
+    if precision.enabled:
+        store_matmul_weights_in(teacher, precision.dtype)
+    return teacher
 
 
 def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module], criterion: torch.nn.Module) -> tuple:
@@ -472,13 +504,8 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, launch)
     mixup_fn = build_mixup(args, num_classes)
 
-    teacher = None
-    if args.distillation_type != 'none' and not args.eval:
-        print(f'Creating teacher model: {args.teacher_model}')
-        teacher = create_teacher(args, num_classes).to(device)
-        if args.dim_t is not None and int(args.dim_t) != teacher.embed_dim:
-            raise UserError(f'--dim-t {args.dim_t:g} does not match --teacher-model {args.teacher_model} '
-                            f'(token width {teacher.embed_dim})')
+    precision = build_precision(args, device)
+    teacher = None if args.eval else build_teacher(args, num_classes, device, precision)
     print(f'Creating model: {args.model}')
     model = create_student(args, teacher, num_classes)
     if args.finetune:
@@ -506,7 +533,6 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
 
     optimizer = build_optimizer(args, model_without_ddp, device, scaled_lr(args, launch.world_size))
     lr_scheduler, _ = create_scheduler(args, optimizer)
-    precision = build_precision(args, device)
 
     output_dir = Path(args.output_dir) if args.output_dir else None
     resume_path = args.resume

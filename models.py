@@ -99,6 +99,19 @@ class FrozenCompiledTeacher(nn.Module):
             return self.compiled(x)
 
 
+def store_matmul_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Keep a frozen model's Linear and Conv2d parameters in the autocast ``dtype``.
+
+    Autocast casts them to ``dtype`` on every call anyway, and caches the casts only of weights that require
+    grad, so a frozen teacher's weights were read and rewritten every step; stored cast, the results are
+    bit-identical and that traffic is gone. Norm layers and tokens stay float32, as autocast keeps them.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(dtype)
+    return model
+
+
 def needs_projector(args) -> bool:
     return feature_distillation(args) and args.w_cls > 0 and args.dim_match in ('projector', 'both')
 

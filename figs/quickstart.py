@@ -1,8 +1,10 @@
-"""Quickstart: a teacher and four students on the built-in shapes data set, on a CPU, in minutes.
+"""Quickstart: does distillation help, and which terms? A teacher and four students over three seeds, on the
+built-in shapes data set, on a CPU, in minutes.
 
-Trains a teacher, then four students with the same budget (no teacher, DeiT soft KD, Manifold Distillation,
-[CLS]-KD + Manifold), each as a ``python main.py ...`` process (the code path of ImageNet training), and
-writes ``results.md``, ``accuracy.png``, ``losses.png`` and ``commands.sh`` to ``--out``::
+Trains a teacher once, then four students with the same budget (no teacher, DeiT soft KD, Manifold Distillation,
+[CLS]-KD + Manifold), each with every seed of ``--seeds``, each as a ``python main.py ...`` process (the code path
+of ImageNet training), and writes ``results.md`` (mean and spread over the seeds), ``accuracy.png`` (with error
+bars), ``losses.png`` and ``commands.sh`` to ``--out``::
 
     python figs/quickstart.py --out runs/quickstart
     python figs/quickstart.py --out runs/quickstart-smoke --smoke   # the same pipeline, tiny budget
@@ -12,6 +14,7 @@ Finished runs are reused when the command is repeated with the same settings.
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
+import timm
+import torch
 
 matplotlib.use('Agg')  # files only: no display is needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,11 +46,15 @@ FAILURE_TAIL_LINES = 20  # of main.py's output, shown when a run fails
 # The budget: measured to finish in under 10 minutes on a 2-core CPU.
 TEACHER_MODEL = 'deit_small_patch16_224'
 STUDENT_MODEL = 'deit_tiny_patch16_224'
-INPUT_SIZE = 32
+# 64 px images in 16 px patches: a 4 x 4 grid, so the patch relations and the CLS-patch attention map have 16
+# patches to match (at 32 px there were 4).
+INPUT_SIZE = 64
+MIN_PATCHES = 16
 TRAIN_PER_CLASS = 100
 VAL_PER_CLASS = 30
 TEACHER_EPOCHS = 30
 STUDENT_EPOCHS = 6
+SEEDS = (0, 1, 2)
 BATCH_SIZE = 64
 LR = 1e-3
 # One warm-up epoch would run epochs 0 and 1 at --warmup-lr (DeiT steps the schedule with the finished
@@ -53,11 +62,12 @@ LR = 1e-3
 WARMUP_EPOCHS = 0
 NUM_WORKERS = 0
 
-# --smoke: every step of the pipeline, on a few images for one epoch (tests).
+# --smoke: every step of the pipeline, on a few images for one epoch and two seeds (tests).
 SMOKE_TRAIN_PER_CLASS = 2
 SMOKE_VAL_PER_CLASS = 1
 SMOKE_EPOCHS = 1
 SMOKE_BATCH_SIZE = 8
+SMOKE_SEEDS = (0, 1)
 
 # The layer pairs and weights of the papers' README commands (12-block student and teacher).
 LAYER_IDS = (0, 1, 2, 3, 8, 9, 10, 11)
@@ -73,10 +83,11 @@ SHORT_RECIPE = ('--aa', 'none', '--mixup', '0', '--cutmix', '0', '--reprob', '0'
 
 TEACHER_COLOUR = 'tab:gray'
 STUDENT_COLOUR = 'tab:blue'
-BEST_COLOUR = 'tab:orange'
-BAR_WIDTH = 0.38
+SEED_COLOUR = 'black'
+BAR_WIDTH = 0.6
+SEED_SPREAD = 0.15  # horizontal offset between a bar's per-seed dots
 FULL_ACCURACY = 100.0
-BAR_HEADROOM = 1.08  # room above a 100% bar for its label
+BAR_HEADROOM = 1.12  # room above a 100% bar for its label
 FIGURE_SIZE = (8.0, 4.0)
 DPI = 120
 
@@ -89,6 +100,7 @@ class Run:
     teacher: str  # '-' when no teacher is used
     model: str
     epochs: int
+    seed: int
     flags: tuple[str, ...]
 
 
@@ -110,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--s-id', nargs='+', type=int, default=list(LAYER_IDS), help='student blocks distilled')
     parser.add_argument('--t-id', nargs='+', type=int, default=list(LAYER_IDS), help='teacher blocks, paired')
     parser.add_argument('--num-workers', type=int, default=NUM_WORKERS)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seeds', type=int, nargs='+', default=None,
+                        help=f'the students\' seeds; default {" ".join(map(str, SEEDS))} (the teacher uses the first)')
     parser.add_argument('--verbose', action='store_true', help="show all of main.py's output")
     return parser
 
@@ -123,28 +136,40 @@ def resolve_budget(args: argparse.Namespace) -> None:
         'batch_size': (BATCH_SIZE, SMOKE_BATCH_SIZE),
         'train_per_class': (TRAIN_PER_CLASS, SMOKE_TRAIN_PER_CLASS),
         'val_per_class': (VAL_PER_CLASS, SMOKE_VAL_PER_CLASS),
+        'seeds': (list(SEEDS), list(SMOKE_SEEDS)),
     }
     for name, (full, smoke) in budget.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
 
 
+def check_patches(args: argparse.Namespace) -> None:
+    """Every term needs patches to relate: at least ``MIN_PATCHES`` per image for both models."""
+    for name in (args.model, args.teacher_model):
+        with torch.device('meta'):
+            grid = timm.create_model(name, img_size=args.input_size).patch_embed.grid_size
+        if grid[0] * grid[1] < MIN_PATCHES:
+            raise ValueError(f'--input-size {args.input_size} gives {name} {grid[0] * grid[1]} patches per image; '
+                             f'the feature terms need at least {MIN_PATCHES}')
+
+
 def plan_runs(args: argparse.Namespace, out: Path) -> list[Run]:
-    """The teacher, then the four students; students differ only in their distillation flags."""
+    """The teacher (once, first seed), then the four students for every seed; students differ only in their
+    distillation flags."""
     teacher_path = out / 'teacher' / CHECKPOINT_NAME
     distill = ('--teacher-model', args.teacher_model, '--teacher-path', str(teacher_path),
                '--distillation-type', 'soft')
     layers = ('--s-id', *map(str, args.s_id), '--t-id', *map(str, args.t_id))
-    return [
-        Run('teacher', 'teacher (from scratch)', '-', args.teacher_model, args.teacher_epochs,
-            ('--distillation-type', 'none')),
-        Run('no_teacher', 'no teacher', '-', args.model, args.epochs, ('--distillation-type', 'none')),
-        Run('deit_soft', 'DeiT soft KD', args.teacher_model, args.model, args.epochs, distill),
-        Run('manifold', 'Manifold', args.teacher_model, args.model, args.epochs,
-            distill + layers + MANIFOLD_FLAGS),
-        Run('clskd_manifold', '[CLS]-KD + Manifold', args.teacher_model, args.model, args.epochs,
-            distill + layers + MANIFOLD_FLAGS + CLSKD_FLAGS),
+    methods = [
+        ('no_teacher', 'no teacher', '-', ('--distillation-type', 'none')),
+        ('deit_soft', 'DeiT soft KD', args.teacher_model, distill),
+        ('manifold', 'Manifold', args.teacher_model, distill + layers + MANIFOLD_FLAGS),
+        ('clskd_manifold', '[CLS]-KD + Manifold', args.teacher_model, distill + layers + MANIFOLD_FLAGS + CLSKD_FLAGS),
     ]
+    teacher = Run('teacher', 'teacher (from scratch)', '-', args.teacher_model, args.teacher_epochs, args.seeds[0],
+                  ('--distillation-type', 'none'))
+    return [teacher] + [Run(f'{key}_seed{seed}', method, teacher_name, args.model, args.epochs, seed, flags)
+                        for key, method, teacher_name, flags in methods for seed in args.seeds]
 
 
 def main_command(run: Run, args: argparse.Namespace, data_path: Path, out: Path) -> list[str]:
@@ -154,7 +179,7 @@ def main_command(run: Run, args: argparse.Namespace, data_path: Path, out: Path)
         '--data-path', str(data_path), '--output_dir', str(out / run.name),
         '--model', run.model, '--input-size', str(args.input_size), '--epochs', str(run.epochs),
         '--batch-size', str(args.batch_size), '--lr', str(args.lr), '--warmup-epochs', str(args.warmup_epochs),
-        '--num_workers', str(args.num_workers), '--seed', str(args.seed), *run.flags,
+        '--num_workers', str(args.num_workers), '--seed', str(run.seed), *run.flags,
     ]
 
 
@@ -202,12 +227,18 @@ def load_settings(out: Path, settings: dict) -> dict:
 
 
 def summarise(runs: Sequence[Run], out: Path, seconds: dict) -> list[dict]:
-    rows = []
+    """One row per method: final and best Acc@1 of every seed, their mean and spread, the mean run time."""
+    rows: dict[str, dict] = {}
     for run in runs:
-        log = read_log(out / run.name / 'log.txt')
-        accuracy = [epoch['test_acc1'] for epoch in log]
-        rows.append({'run': run, 'final': accuracy[-1], 'best': max(accuracy), 'seconds': seconds[run.name]})
-    return rows
+        accuracy = [epoch['test_acc1'] for epoch in read_log(out / run.name / 'log.txt')]
+        row = rows.setdefault(run.method, {'run': run, 'final': [], 'best': [], 'seconds': []})
+        row['final'].append(accuracy[-1])
+        row['best'].append(max(accuracy))
+        row['seconds'].append(seconds[run.name])
+    for row in rows.values():
+        row['mean'] = statistics.mean(row['final'])
+        row['std'] = statistics.stdev(row['final']) if len(row['final']) > 1 else 0.0
+    return list(rows.values())
 
 
 def count_images(folder: Path) -> tuple[int, int]:
@@ -221,37 +252,42 @@ def write_results(rows: Sequence[dict], args: argparse.Namespace, data_path: Pat
     train_images, classes = count_images(data_path / 'train')
     val_images, _ = count_images(data_path / 'val')
     lines = [
-        '| method | teacher | student | epochs | final Acc@1 | best Acc@1 | train time |',
-        '| --- | --- | --- | ---: | ---: | ---: | ---: |',
+        '| method | teacher | student | epochs | seeds | final Acc@1, mean ± std | final Acc@1 per seed '
+        '| best Acc@1, mean | train time per run |',
+        '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
     ]
     for row in rows:
         run = row['run']
-        lines.append(f'| {run.method} | {run.teacher} | {run.model} | {run.epochs} | {row["final"]:.1f} '
-                     f'| {row["best"]:.1f} | {row["seconds"]:.0f} s |')
+        per_seed = ' / '.join(f'{value:.1f}' for value in row['final'])
+        lines.append(f'| {run.method} | {run.teacher} | {run.model} | {run.epochs} | {len(row["final"])} '
+                     f'| {row["mean"]:.1f} ± {row["std"]:.1f} | {per_seed} | {statistics.mean(row["best"]):.1f} '
+                     f'| {statistics.mean(row["seconds"]):.0f} s |')
     header = (f'Shapes data set: {train_images} training and {val_images} validation images of '
               f'{args.input_size}x{args.input_size} px, {classes} classes; batch {args.batch_size}, '
-              f'lr {args.lr:g}. Acc@1 in % on the validation images; train time is the wall time of the '
+              f'lr {args.lr:g}; student seeds {" ".join(map(str, args.seeds))}. Acc@1 in % on the validation '
+              'images (std: sample standard deviation over the seeds); train time is the wall time of one '
               'main.py process.')
     path.write_text('\n'.join([header, ''] + lines) + '\n')
 
 
 def plot_accuracy(rows: Sequence[dict], path: Path) -> None:
-    """Final and best Acc@1 per method, the teacher in grey."""
+    """Mean final Acc@1 per method with the seeds' standard deviation as error bars and each seed as a dot."""
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
-    positions = range(len(rows))
     for i, row in enumerate(rows):
         colour = TEACHER_COLOUR if row['run'].name == 'teacher' else STUDENT_COLOUR
-        final = ax.bar(i - BAR_WIDTH / 2, row['final'], BAR_WIDTH, color=colour)
-        best = ax.bar(i + BAR_WIDTH / 2, row['best'], BAR_WIDTH, color=BEST_COLOUR)
-        ax.bar_label(final, fmt='%.1f', fontsize='small')
-        ax.bar_label(best, fmt='%.1f', fontsize='small')
-    ax.set_xticks(list(positions), [f"{r['run'].method}\n{r['run'].model.split('_patch')[0]}" for r in rows],
+        bar = ax.bar(i, row['mean'], BAR_WIDTH, yerr=row['std'] if len(row['final']) > 1 else None,
+                     capsize=4, color=colour)
+        ax.bar_label(bar, labels=[f'{row["mean"]:.1f} ± {row["std"]:.1f}' if len(row['final']) > 1
+                                  else f'{row["mean"]:.1f}'], fontsize='small', padding=6)
+        offsets = [SEED_SPREAD * (k - (len(row['final']) - 1) / 2) for k in range(len(row['final']))]
+        ax.scatter([i + o for o in offsets], row['final'], s=12, color=SEED_COLOUR, zorder=3)
+    ax.set_xticks(range(len(rows)), [f"{r['run'].method}\n{r['run'].model.split('_patch')[0]}" for r in rows],
                   fontsize='small')
-    ax.set_ylabel('Acc@1 (%)')
+    ax.set_ylabel('final Acc@1 (%)')
     ax.set_ylim(0, FULL_ACCURACY * BAR_HEADROOM)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in (STUDENT_COLOUR, TEACHER_COLOUR, BEST_COLOUR)],
-              labels=['final (student)', 'final (teacher)', 'best epoch'], fontsize='small', loc='upper right')
-    ax.set_title(f"Shapes, {rows[-1]['run'].epochs} student epochs: accuracy per method")
+    students = [r for r in rows if r['run'].name != 'teacher']
+    ax.set_title(f"Shapes, {students[0]['run'].epochs} student epochs, {len(students[0]['final'])} seeds: "
+                 'mean ± std (dots: seeds)')
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, DPI)
@@ -263,13 +299,14 @@ def make_data(args: argparse.Namespace, data_path: Path) -> None:
         return
     subprocess.run([sys.executable, 'shapes.py', str(data_path),
                     '--train-per-class', str(args.train_per_class), '--val-per-class', str(args.val_per_class),
-                    '--image-size', str(args.input_size), '--seed', str(args.seed)],
+                    '--image-size', str(args.input_size), '--seed', str(args.seeds[0])],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
 def quickstart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     resolve_budget(args)
+    check_patches(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / DATA_DIR_NAME
@@ -291,10 +328,10 @@ def quickstart(args: argparse.Namespace) -> int:
     rows = summarise(runs, out, seconds)
     write_results(rows, args, data_path, out / RESULTS_NAME)
     plot_accuracy(rows, out / ACCURACY_FIGURE)
-    students = [run for run in runs if run.name != 'teacher']
+    students = [run for run in runs if run.name != 'teacher' and run.seed == args.seeds[0]]
     plot_logs([out / run.name / 'log.txt' for run in students], out / LOSSES_FIGURE,
               labels=[run.method for run in students],
-              title=f'Students ({args.model}, teacher {args.teacher_model}): Acc@1 and the '
+              title=f'Students ({args.model}, teacher {args.teacher_model}, seed {args.seeds[0]}): Acc@1 and the '
                     'weighted loss terms (train_*) per epoch')
     print('\n' + (out / RESULTS_NAME).read_text())
     for name in (RESULTS_NAME, ACCURACY_FIGURE, LOSSES_FIGURE, COMMANDS_NAME):

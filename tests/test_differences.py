@@ -154,4 +154,4 @@ def test_precision_flags_on_cuda(flags, expected, monkeypatch):
     Manifold original's fp16 autocast (with a grad scaler)."""
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     args = main.get_args_parser().parse_args(flags)
-    assert main.amp_dtype(args, torch.device('cuda')) == expected
+    assert main.amp_dtype(args, torch.device('cuda'))[0] == expected

@@ -12,6 +12,7 @@ import benchmark
 import datasets
 import engine
 import main
+import models
 from helpers import CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, main_argv, make_shapes, run_main, save_teacher
 from losses import build_criterion
 from models import create_student, random_teacher
@@ -191,3 +192,21 @@ def test_compiled_models_give_the_eager_losses_and_gradients():
         updated_terms, _ = losses_and_gradients(*compiled_models)
     assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
     assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=1e-5)
+
+
+def test_teacher_weights_stored_in_the_autocast_dtype_give_the_same_results():
+    """A frozen teacher's Linear/Conv2d weights stored in bf16 give autocast's logits and tokens bit for bit."""
+    argv = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_small_patch16_224', '--distillation-type',
+            'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--input-size', '32']
+    args = main.get_args_parser().parse_args(argv)
+    torch.manual_seed(0)
+    teacher = random_teacher(args, 10)
+    torch.manual_seed(0)
+    stored = models.store_matmul_weights_in(random_teacher(args, 10), torch.bfloat16)
+    assert stored.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and stored.norm.weight.dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        expected, expected_tokens = teacher(x), teacher.token_capture.pop()
+        logits, tokens = stored(x), stored.token_capture.pop()
+    assert torch.equal(logits, expected)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, expected_tokens))
