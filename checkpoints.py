@@ -4,18 +4,20 @@ Every file is read with ``torch.load(weights_only=True)`` behind a short allow-l
 is refused before anything of it runs. Writes go to a temporary file that is renamed over the old one.
 """
 import argparse
+import contextlib
 import os
 import pathlib
 import pickle
 import random
 import urllib.error
 import zipfile
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub.errors import EntryNotFoundError
 from timm.layers import resample_abs_pos_embed
 from timm.models import clean_state_dict
 
@@ -27,6 +29,8 @@ PathLike = Union[str, os.PathLike]
 CHECKPOINT_NAME = 'checkpoint.pth'
 BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
 URL_SCHEMES = ('https://', 'http://')
+# torch's load_state_dict lists every missing and unexpected key; a one-line error keeps this much of it.
+MAX_ERROR_CHARS = 300
 # A [CLS]-KD student's projector is trained with it but takes no part in its predictions.
 PROJECTOR_PREFIX = 'projector.'
 # A fine-tuned model keeps its own classifier when the checkpoint's has another number of classes (DeiT).
@@ -113,6 +117,20 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu') -> dict:
     if not isinstance(checkpoint, dict):
         raise UserError(f'{source} is not a PyTorch checkpoint: expected a dict, got {type(checkpoint).__name__}')
     return checkpoint
+
+
+@contextlib.contextmanager
+def pretrained_weight_errors(source: str, model_flag: str) -> Iterator[None]:
+    """Around ``timm.create_model(pretrained=True)``: a failed download (network, hub, missing file: OSError; the
+    hub's missing-file error is no OSError) and weights that do not fit the model end in one line."""
+    try:
+        yield
+    except (OSError, EntryNotFoundError) as err:
+        raise UserError(f'--teacher-path {source}: cannot download the weights of {model_flag}: '
+                        f'{_first_line(err)}') from None
+    except RuntimeError as err:
+        raise UserError(f'--teacher-path {source}: the weights do not fit {model_flag}: '
+                        f'{" ".join(str(err).split())[:MAX_ERROR_CHARS]}') from None
 
 
 def _fsync_dir(directory: str) -> None:

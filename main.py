@@ -27,8 +27,8 @@ from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
 from engine import NonFiniteLossError, Precision, cpu_has_native_bf16, evaluate, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
-from models import (FrozenCompiledTeacher, check_token_shapes, create_student, create_teacher, no_token_capture,
-                    random_teacher, store_matmul_weights_in)
+from models import (FrozenCompiledTeacher, check_timm_weights, check_token_shapes, create_student, create_teacher,
+                    no_token_capture, random_teacher, store_matmul_weights_in, timm_weights_overlay)
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -236,7 +236,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Distillation')
     group.add_argument('--teacher-model', default='cait_s24_224', type=str, metavar='MODEL')
-    group.add_argument('--teacher-path', type=str, default='', help='teacher weights: a file or an https URL')
+    group.add_argument('--teacher-path', type=str, default='',
+                       help="teacher weights: a file, an https URL, timm (timm's pretrained weights of "
+                            '--teacher-model) or hf-hub:<repo>')
     group.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str)
     group.add_argument('--distillation-alpha', default=0.5, type=PROBABILITY, help='KD weight; base gets 1 - alpha')
     group.add_argument('--distillation-tau', default=1.0, type=POSITIVE)
@@ -318,8 +320,11 @@ def check_args(args: argparse.Namespace) -> None:
     if trains_with_teacher and (args.teacher_path or not args.benchmark):
         if not args.teacher_path:
             raise UserError('--teacher-path is required when --distillation-type is not none')
-        if not args.teacher_path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(args.teacher_path):
-            raise UserError(f'--teacher-path {args.teacher_path}: no such file')
+        if timm_weights_overlay(args.teacher_path) is not None:
+            check_timm_weights(args.teacher_model, args.teacher_path)
+        elif not args.teacher_path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(args.teacher_path):
+            raise UserError(f'--teacher-path {args.teacher_path}: no such file (timm or hf-hub:<repo> take timm\'s '
+                            'pretrained weights)')
     for flag, path in (('--resume', args.resume), ('--finetune', args.finetune)):
         if path and not path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(path):
             raise UserError(f'{flag} {path}: no such file')

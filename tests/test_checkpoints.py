@@ -166,7 +166,7 @@ def teacher_args(teacher_model: str, path: Path, t_id: list[str], input_size: in
 
 
 def assert_loaded(teacher: torch.nn.Module, expected: dict) -> None:
-    own = teacher.state_dict()
+    own = teacher.model.state_dict()
     assert own.keys() == expected.keys()
     assert all(torch.equal(own[k], v) for k, v in expected.items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -216,7 +216,7 @@ def test_tnt_s_teacher(layout, tmp_path):
     path = tmp_path / 'tnt_s_patch16_224.pth'
     torch.save(saved, path)
     teacher = models.create_teacher(teacher_args('tnt_s_patch16_224', path, ['0', '11']))
-    assert teacher.default_cfg['architecture'] == arch
+    assert teacher.model.default_cfg['architecture'] == arch
     assert_loaded(teacher, source)
     if layout == 'timm_0.5.4':
         with torch.inference_mode():

@@ -203,7 +203,7 @@ def test_teacher_weights_stored_in_the_autocast_dtype_give_the_same_results():
     teacher = random_teacher(args, 10)
     torch.manual_seed(0)
     stored = models.store_matmul_weights_in(random_teacher(args, 10), torch.bfloat16)
-    assert stored.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and stored.norm.weight.dtype == torch.float32
+    assert stored.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and stored.model.norm.weight.dtype == torch.float32
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         expected, expected_tokens = teacher(x), teacher.token_capture.pop()

@@ -1,14 +1,19 @@
-"""figs/quickstart.py, in its --smoke budget: every run goes through main.py and the report is written."""
+"""figs/quickstart.py, in its --smoke budget (two seeds): every run goes through main.py and the report gives each
+method's mean and spread over the seeds."""
 import re
 import subprocess
 import sys
+
+import pytest
 
 from helpers import REPO
 
 PNG_MAGIC = b'\x89PNG'
 METHODS = ('teacher (from scratch)', 'no teacher', 'DeiT soft KD', 'Manifold', '[CLS]-KD + Manifold')
-ROW = re.compile(r'^\| (?P<method>[^|]+) \| [^|]+ \| [^|]+ \| (?P<epochs>\d+) \| (?P<final>\d+\.\d) '
-                 r'\| (?P<best>\d+\.\d) \| (?P<seconds>\d+) s \|$', re.M)
+ROW = re.compile(r'^\| (?P<method>[^|]+) \| [^|]+ \| [^|]+ \| (?P<epochs>\d+) \| (?P<seeds>\d+) '
+                 r'\| (?P<mean>\d+\.\d) ± (?P<std>\d+\.\d) \| (?P<per_seed>[\d. /]+) \| (?P<best>\d+\.\d) '
+                 r'\| (?P<seconds>\d+) s \|$', re.M)
+SMOKE_SEEDS = 2
 SMOKE_SECONDS = 300  # generous: the smoke budget takes about a minute on 2 cores
 
 
@@ -22,22 +27,31 @@ def test_smoke_quickstart_writes_table_and_figures(tmp_path):
     assert [row['method'] for row in rows] == list(METHODS)
     for row in rows:
         assert int(row['epochs']) == 1
-        assert 0.0 <= float(row['final']) <= float(row['best']) <= 100.0
+        seeds = 1 if row['method'].startswith('teacher') else SMOKE_SEEDS
+        finals = [float(value) for value in row['per_seed'].split(' / ')]
+        assert int(row['seeds']) == len(finals) == seeds
+        assert float(row['mean']) == pytest.approx(sum(finals) / seeds, abs=0.051)
+        assert 0.0 <= float(row['mean']) <= float(row['best']) <= 100.0
     for figure in ('accuracy.png', 'losses.png'):
         assert (out / figure).read_bytes().startswith(PNG_MAGIC)
         assert str(out / figure) in result.stdout
     # The students learn from the teacher's own checkpoint, through the real command line.
     commands = (out / 'commands.sh').read_text().splitlines()
-    assert len(commands) == len(METHODS)
-    assert all(f'--teacher-path {out / "teacher" / "checkpoint.pth"}' in c for c in commands[2:])
+    assert len(commands) == 1 + (len(METHODS) - 1) * SMOKE_SEEDS
+    distilled = [c for c in commands if '--distillation-type soft' in c]
+    assert len(distilled) == 3 * SMOKE_SEEDS
+    assert all(f'--teacher-path {out / "teacher" / "checkpoint.pth"}' in c for c in distilled)
+    assert sorted({c.split('--seed ')[1].split()[0] for c in commands}) == ['0', '1']
+    # Every image has at least 16 patches, so that each term has something to match.
+    assert all('--input-size 64' in c for c in commands)
     # DeiT-style progress with an ETA and every [CLS]-KD loss term is shown while training.
-    assert re.search(r'^\[clskd_manifold\] Epoch: \[0\] +\[0/\d+\] +eta: .*mf_patch: .*cls: .*atn: ', result.stdout,
+    assert re.search(r'^\[clskd_manifold_seed0\] Epoch: \[0\] +\[0/\d+\] +eta: .*mf_patch: .*cls: .*atn: ', result.stdout,
                      re.M)
 
     # A second call with the same settings reuses the finished runs.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_SECONDS)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count('finished earlier') == len(METHODS)
+    assert again.stdout.count('finished earlier') == len(commands)
     changed = subprocess.run(command + ['--epochs', '2'], cwd=REPO, capture_output=True, text=True,
                              timeout=SMOKE_SECONDS)
     assert changed.returncode == 1 and 'other settings (epochs)' in changed.stderr
