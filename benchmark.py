@@ -6,21 +6,33 @@ optimizer step) on synthetic batches. FLOPs are counted by ``torch.utils.flop_co
 forward, student forward and backward, loss terms. MFU is against the GPU's dense bf16 peak (``--peak-tflops`` to
 set it), or on a CPU against the matmul rate measured in the same run. With ``--data-path`` the training DataLoader
 is timed alone too.
+
+``python benchmark.py --papers <run flags>`` times the papers' three configurations, eager and compiled, and prints
+one markdown table in the layout of README's Performance table; with ``--data-path`` (an ImageNet-style folder, e.g.
+the JPEGs ``shapes.py --image-size 500 375 --jpeg-quality 90`` writes) also the data pipeline's images/s per worker
+and how many workers each row needs.
 """
+import argparse
+import gc
 import math
+import os
+import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import timm
 from torch.utils import flop_counter
 from timm.utils import random_seed
 from torch.utils.flop_counter import FlopCounterMode
 
 import main
 import models
+import utils
 from datasets import IMAGENET_NUM_CLASSES, build_dataset
 from engine import Precision, training_step
 from launch import LaunchEnvironment
@@ -32,6 +44,54 @@ GPU_DENSE_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 36
 NUM_CLASSES = IMAGENET_NUM_CLASSES  # the papers' models
 STEPS_PER_RATE_MEASUREMENT = 5  # timed steps between two measurements of the CPU matmul rate
 MATMUL_SIZE = 4096
+
+PAPERS_FLAG = '--papers'
+# README's training flags of the two papers (the models and the per-GPU batch are set per configuration).
+CLSKD_FLAGS = ('--distillation-type soft --distillation-alpha 1 --distillation-beta 1 --manifold --w-cls 1.0 '
+               '--w-atn 2.0 --last-w 4.0 --K 192 --s-id 0 1 2 3 8 9 10 11 --t-id 0 1 2 3 8 9 10 11 --drop-path 0')
+MANIFOLD_FLAGS = ('--distillation-type soft --distillation-alpha 1 --distillation-beta 1 --w-sample 0.1 --w-patch 4 '
+                  '--w-rand 0.2 --K 192 --s-id 0 1 2 3 8 9 10 11 --t-id 0 1 2 3 20 21 22 23 --drop-path 0')
+CLSKD_GPU_BATCH = 128  # the papers' per-GPU batches: [CLS]-KD 4 x 128, Manifold 8 x 64
+MANIFOLD_GPU_BATCH = 64
+# What ``--papers`` takes from its command line; the models, losses and batch sizes are its own.
+PAPERS_RUN_FLAGS = ('device', 'seed', 'benchmark_steps', 'benchmark_warmup', 'peak_tflops', 'amp', 'amp_dtype',
+                    'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark')
+# The data pipeline is timed on batches of this size, skipping one batch per worker (their start), then over
+# this many batches per worker.
+DATA_TIMING_BATCH = 32
+DATA_TIMED_BATCHES_PER_WORKER = 3
+PRECISION_NAMES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
+TABLE_HEADER = ('| mode | device | precision | batch | images/s | ms/step | memory | GFLOPs/image | MFU |\n'
+                '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+WHOLE_NUMBERS_FROM = 100  # README's tables give values from 100 on without decimals
+TERA = 1e12
+GIGA = 1e9
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+@dataclass(frozen=True)
+class PaperConfiguration:
+    """One row of README's Performance table: a paper's student, teacher, flags and per-GPU batch."""
+    mode: str
+    model: str
+    teacher_model: str
+    flags: str
+    batch_size: int
+
+    def argv(self) -> list[str]:
+        """The training flags of this configuration."""
+        return ['--model', self.model, '--teacher-model', self.teacher_model, *shlex.split(self.flags),
+                '--batch-size', str(self.batch_size)]
+
+
+PAPER_CONFIGURATIONS = (
+    PaperConfiguration('[CLS]-KD, DeiT-B → DeiT-Ti', 'deit_tiny_patch16_224', 'deit_base_patch16_224', CLSKD_FLAGS,
+                       CLSKD_GPU_BATCH),
+    PaperConfiguration('[CLS]-KD, DeiT-B → DeiT-S', 'deit_small_patch16_224', 'deit_base_patch16_224', CLSKD_FLAGS,
+                       CLSKD_GPU_BATCH),
+    PaperConfiguration('Manifold, CaiT-S24 → DeiT-Ti', 'deit_tiny_patch16_224', 'cait_s24_224', MANIFOLD_FLAGS,
+                       MANIFOLD_GPU_BATCH),
+)
 
 
 def count_cpu_attention_flops() -> None:
@@ -168,17 +228,114 @@ def run(args) -> dict[str, float]:
           f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
           f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
     if args.data_path:
-        dataset, _ = build_dataset(is_train=True, args=args)
-        loader, _ = main.build_loaders(args, dataset, dataset, LaunchEnvironment())
-        rate = data_images_per_second(loader, args.benchmark_steps + args.benchmark_warmup, args.benchmark_warmup,
-                                      args.data_path)
-        workers = max(args.num_workers, 1)
-        stats['data_images_per_s_per_worker'] = rate / workers
-        print(f'  data pipeline: {rate:.1f} images/s with {args.num_workers} workers '
-              f'({rate / workers:.1f} per worker): about {math.ceil(stats["images_per_s"] / (rate / workers))} '
-              f'workers keep this device fed')
+        per_worker = data_rate_per_worker(args, args.benchmark_steps + args.benchmark_warmup, args.benchmark_warmup)
+        stats['data_images_per_s_per_worker'] = per_worker
+        print(f'  about {math.ceil(stats["images_per_s"] / per_worker)} workers keep this device fed')
     return stats
 
 
+def data_rate_per_worker(args, batches: int, warmup: int) -> float:
+    """Images/s per worker of the training DataLoader the flags build (``--num_workers 0``: the main process)."""
+    dataset, _ = build_dataset(is_train=True, args=args)
+    loader, _ = main.build_loaders(args, dataset, dataset, LaunchEnvironment())
+    rate = data_images_per_second(loader, batches, warmup, args.data_path)
+    per_worker = rate / max(args.num_workers, 1)
+    print(f'  data pipeline: {rate:.1f} images/s with {args.num_workers} workers ({per_worker:.1f} per worker)')
+    return per_worker
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' configurations as one table (python benchmark.py --papers)
+# ---------------------------------------------------------------------------------------------
+
+def device_description(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()}-core CPU'
+
+
+def figure(value: float) -> str:
+    """A measured value as README's tables write it: one decimal below 100, none from there on."""
+    return f'{value:.0f}' if value >= WHOLE_NUMBERS_FROM else f'{value:.1f}'
+
+
+def table_row(mode: str, device: torch.device, dtype: torch.dtype, batch_size: int, stats: dict) -> str:
+    """One row of README's Performance table."""
+    memory = 'n/a' if math.isnan(stats['peak_memory_gib']) else f'{stats["peak_memory_gib"]:.1f} GiB'
+    peak = stats['peak_tflops'] * TERA
+    peak_text = f'{peak / TERA:.0f} TFLOP/s' if peak >= TERA else f'{peak / GIGA:.0f} GFLOP/s'
+    return (f'| {mode} | {device_description(device)} | {PRECISION_NAMES[dtype]} | {batch_size} | '
+            f'{figure(stats["images_per_s"])} | {figure(stats["ms_per_step"])} | {memory} | '
+            f'{stats["gflops_per_image"]:.1f} | {100 * stats["mfu"]:.1f}% of {peak_text} |')
+
+
+def parse_papers_run_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The run flags of ``--papers``; a model, loss or batch flag is refused (the configurations set them)."""
+    args, defaults = vars(parser.parse_args(argv)), vars(parser.parse_args([]))
+    for action in parser._actions:
+        if action.dest not in PAPERS_RUN_FLAGS and args.get(action.dest) != defaults.get(action.dest):
+            raise UserError(f'{PAPERS_FLAG} sets the models, losses and batch sizes itself: drop '
+                            f'{action.option_strings[0]} (it takes {", ".join(run_flag_names(parser))})')
+    return argparse.Namespace(**args)
+
+
+def run_flag_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [a.option_strings[0] for a in parser._actions if a.dest in PAPERS_RUN_FLAGS and a.dest != 'benchmark']
+
+
+def forget_compiled_models(device: torch.device) -> None:
+    """Drop compiled graphs (a frozen teacher's graph holds its weights) so that the next row's memory is its own."""
+    torch.compiler.reset()
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def run_papers(argv: list[str]) -> int:
+    """Benchmark every paper configuration eager and with ``--compile``; print the rows measured as one markdown
+    table (also after Ctrl-C or SIGINT, e.g. from ``timeout -s INT``), then the data pipeline's rate."""
+    parser = main.OneLineArgumentParser(f'benchmark.py {PAPERS_FLAG}', parents=[main.get_args_parser()])
+    rows, per_worker, interrupted = [], None, False
+    try:
+        run_args = parse_papers_run_flags(parser, argv)
+        device = torch.device(run_args.device)
+        if device.type == 'cpu':
+            utils.retain_freed_memory()
+        if run_args.data_path:
+            data_args = parser.parse_args([*argv, '--benchmark', '--batch-size', str(DATA_TIMING_BATCH)])
+            main.check_args(data_args)
+            workers = max(data_args.num_workers, 1)
+            per_worker = data_rate_per_worker(data_args, (1 + DATA_TIMED_BATCHES_PER_WORKER) * workers, workers)
+        for configuration in PAPER_CONFIGURATIONS:
+            for compiled in (False, True):
+                # The data pipeline was timed once above: the steps run on synthetic batches only.
+                args = parser.parse_args([*argv, '--benchmark', '--data-path', '', *configuration.argv(),
+                                          *(['--compile'] if compiled else [])])
+                main.check_args(args)
+                stats = run(args)
+                mode = configuration.mode + (', `--compile`' if compiled else '')
+                rows.append((mode, stats, table_row(mode, device, main.amp_dtype(args, device),
+                                                    configuration.batch_size, stats)))
+                forget_compiled_models(device)
+    except UserError as err:
+        sys.stderr.write(f'error: {err}\n')
+        return main.EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        interrupted = True
+    versions = f'torch {torch.__version__}, CUDA {torch.version.cuda or "none"}, timm {timm.__version__}'
+    print(f'\nThe papers\' configurations ({versions}):\n\n{TABLE_HEADER}')
+    for _, _, row in rows:
+        print(row)
+    if per_worker is not None:
+        print(f'\nData pipeline: {per_worker:.1f} images/s per worker (DeiT\'s train transform on '
+              f'{run_args.data_path}); workers per GPU that keep each row fed:')
+        for mode, stats, _ in rows:
+            print(f'- {mode}: {math.ceil(stats["images_per_s"] / per_worker)}')
+    if interrupted:
+        print(f'Interrupted: {len(rows)} of {2 * len(PAPER_CONFIGURATIONS)} rows measured')
+        return EXIT_INTERRUPTED
+    return 0
+
+
 if __name__ == '__main__':
+    if PAPERS_FLAG in sys.argv[1:]:
+        sys.exit(run_papers([arg for arg in sys.argv[1:] if arg != PAPERS_FLAG]))
     sys.exit(main.run(sys.argv[1:] + ['--benchmark']))

@@ -627,7 +627,9 @@ def run(argv=None) -> int:
         check_args(args)
         launch, device = join_launch(args)
         print(args)
-        return main(args, launch, device)
+        code = main(args, launch, device)
+        utils.leave_distributed()
+        return code
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         sys.stderr.write(f'error: {err}\n')
         return EXIT_USER_ERROR

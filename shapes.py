@@ -1,7 +1,9 @@
 """The built-in "shapes" data set: ten classes of drawn shapes, written as real PNG files, so that the whole
 training pipeline runs offline (as torchvision keeps ``FakeData`` apart from the real data sets).
 
-``python shapes.py DIR`` writes it; ``--data-set SHAPES --data-path DIR`` writes it on first use.
+``python shapes.py DIR`` writes it; ``--data-set SHAPES --data-path DIR`` writes it on first use. With
+``--image-size W H --jpeg-quality Q`` it writes JPEGs of ImageNet's size and kind instead (for example 500 x 375 px,
+quality 90), on which the data pipeline's speed can be measured without ImageNet.
 """
 import argparse
 import colorsys
@@ -11,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch.distributed as dist
@@ -25,6 +27,9 @@ SHAPES_VAL_PER_CLASS = 10
 SHAPES_IMAGE_SIZE = 64
 # Below this the shapes are only a few pixels wide and no longer tell apart.
 MIN_SHAPES_IMAGE_SIZE = 16
+# Pillow's JPEG quality scale.
+JPEG_QUALITY_RANGE = (1, 100)
+FILE_SUFFIXES = {'PNG': '.png', 'JPEG': '.jpg'}
 SHAPE_NAMES = (
     'circle', 'square', 'triangle', 'cross', 'ring',
     'stripes', 'star', 'diamond', 'hexagon', 'crescent',
@@ -76,8 +81,18 @@ _CRESCENT_OFFSET = 0.45
 _CRESCENT_CUT = 0.85
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float) -> Image.Image:
-    mask = Image.new('L', (size, size), 0)
+ImageSize = Union[int, Sequence[int]]  # a side, (side,) or (width, height)
+
+
+def _width_height(image_size: ImageSize) -> tuple[int, ...]:
+    """``(width, height)`` from a side or from one or two numbers; a longer sequence comes back as it is, for the
+    caller's check."""
+    size = (image_size,) if isinstance(image_size, int) else tuple(image_size)
+    return size * 2 if len(size) == 1 else size
+
+
+def _shape_mask(shape: str, size: tuple[int, int], cx: float, cy: float, radius: float, angle: float) -> Image.Image:
+    mask = Image.new('L', size, 0)
     draw = ImageDraw.Draw(mask)
 
     def disc(x: float, y: float, r: float, fill: int) -> None:
@@ -111,19 +126,22 @@ def _shapes_class_names(num_classes: int) -> list[str]:
     return names
 
 
-def _render_shape(rng: np.random.Generator, class_idx: int, image_size: int) -> Image.Image:
+def _render_shape(rng: np.random.Generator, class_idx: int, size: tuple[int, int]) -> Image.Image:
+    """One image of ``size`` (width, height); a square one draws exactly what it always drew for its seed."""
     shape = SHAPE_NAMES[class_idx % len(SHAPE_NAMES)]
-    radius = rng.uniform(*SHAPE_RADIUS_RANGE) * image_size
-    margin = SHAPE_MARGIN * image_size
-    cx, cy = rng.uniform(radius + margin, image_size - radius - margin, size=2)
+    width, height = size
+    side = min(size)
+    radius = rng.uniform(*SHAPE_RADIUS_RANGE) * side
+    margin = SHAPE_MARGIN * side
+    cx, cy = rng.uniform(radius + margin, np.array(size) - radius - margin, size=2)
     angle = rng.uniform(0.0, 2 * np.pi)
-    mask = np.asarray(_shape_mask(shape, image_size, cx, cy, radius, angle), dtype=np.float32)[..., None] / MAX_PIXEL
+    mask = np.asarray(_shape_mask(shape, size, cx, cy, radius, angle), dtype=np.float32)[..., None] / MAX_PIXEL
 
     hue = (class_idx * HUE_STEP + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
     colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION_RANGE), rng.uniform(*VALUE_RANGE)))
     foreground = (colour * MAX_PIXEL).astype(np.float32)
     background = rng.uniform(*BACKGROUND_LEVEL_RANGE) + rng.uniform(-BACKGROUND_TINT, BACKGROUND_TINT, size=3)
-    noise = rng.normal(0.0, PIXEL_NOISE_STD, size=(image_size, image_size, 3))
+    noise = rng.normal(0.0, PIXEL_NOISE_STD, size=(height, width, 3))
     pixels = background * (1.0 - mask) + foreground * mask + noise
     return Image.fromarray(np.clip(np.rint(pixels), 0, MAX_PIXEL).astype(np.uint8), mode='RGB')
 
@@ -133,20 +151,28 @@ def make_shapes_dataset(
         num_classes: int = SHAPES_NUM_CLASSES,
         train_per_class: int = SHAPES_TRAIN_PER_CLASS,
         val_per_class: int = SHAPES_VAL_PER_CLASS,
-        image_size: int = SHAPES_IMAGE_SIZE,
+        image_size: ImageSize = SHAPES_IMAGE_SIZE,
         seed: int = 0,
+        jpeg_quality: Optional[int] = None,
 ) -> str:
     """Write the synthetic shapes dataset as PNGs under ``root/{train,val}/<class>/``; returns ``root``.
 
     Each class is a distinct shape with its own base hue, drawn at a random position, size,
     rotation and colour jitter on a noisy background. Output is byte-identical for a given seed.
+    ``image_size`` is a side or ``(width, height)``; with ``jpeg_quality`` the images are JPEGs of that quality.
     Splits that already exist are kept: each split is written to a temporary folder and renamed
     into place, so concurrent callers never see a half-written split.
     """
+    size = _width_height(image_size)
     if num_classes < 1 or train_per_class < 1 or val_per_class < 1:
         raise ValueError("num_classes, train_per_class and val_per_class must all be >= 1")
-    if image_size < MIN_SHAPES_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {MIN_SHAPES_IMAGE_SIZE}, got {image_size}")
+    if len(size) != 2 or min(size) < MIN_SHAPES_IMAGE_SIZE:
+        raise ValueError(f"image_size must be a side or a width and a height, each >= {MIN_SHAPES_IMAGE_SIZE}, "
+                         f"got {image_size}")
+    low, high = JPEG_QUALITY_RANGE
+    if jpeg_quality is not None and not low <= jpeg_quality <= high:
+        raise ValueError(f"jpeg_quality must be in [{low}, {high}], got {jpeg_quality}")
+    image_format, save_options = ('PNG', {}) if jpeg_quality is None else ('JPEG', {'quality': jpeg_quality})
     os.makedirs(root, exist_ok=True)
     class_names = _shapes_class_names(num_classes)
     splits = [(split_id, split, per_class) for split_id, (split, per_class)
@@ -164,8 +190,9 @@ def make_shapes_dataset(
                 for img_idx in range(per_class):
                     # Per-image seeds keep every image independent of the split sizes.
                     rng = np.random.default_rng([seed, split_id, class_idx, img_idx])
-                    _render_shape(rng, class_idx, image_size).save(
-                        os.path.join(class_dir, f"{img_idx:04d}.png"), format='PNG')
+                    _render_shape(rng, class_idx, size).save(
+                        os.path.join(class_dir, f"{img_idx:04d}{FILE_SUFFIXES[image_format]}"), format=image_format,
+                        **save_options)
             try:
                 os.rename(os.path.join(tmp_dir, split), target)
             except OSError:
@@ -199,8 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--num-classes', type=int, default=SHAPES_NUM_CLASSES)
     parser.add_argument('--train-per-class', type=int, default=SHAPES_TRAIN_PER_CLASS)
     parser.add_argument('--val-per-class', type=int, default=SHAPES_VAL_PER_CLASS)
-    parser.add_argument('--image-size', type=int, default=SHAPES_IMAGE_SIZE)
+    parser.add_argument('--image-size', type=int, nargs='+', default=[SHAPES_IMAGE_SIZE], metavar=('W', 'H'),
+                        help='a side, or a width and a height')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--jpeg-quality', type=int, default=None, metavar='Q',
+                        help='write JPEGs of this quality instead of PNGs')
     args = parser.parse_args(argv)
 
     root = os.path.abspath(args.root)
@@ -210,7 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         start = time.perf_counter()
         try:
             make_shapes_dataset(root, num_classes=args.num_classes, train_per_class=args.train_per_class,
-                                val_per_class=args.val_per_class, image_size=args.image_size, seed=args.seed)
+                                val_per_class=args.val_per_class, image_size=tuple(args.image_size),
+                                seed=args.seed, jpeg_quality=args.jpeg_quality)
         except ValueError as err:
             parser.error(str(err))
         print(f"wrote shapes dataset in {time.perf_counter() - start:.2f}s", file=sys.stderr)

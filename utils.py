@@ -97,6 +97,14 @@ def init_distributed_mode(launch, device: torch.device, dist_url: str, timeout_m
     setup_for_distributed(launch.rank == 0)
 
 
+def leave_distributed() -> None:
+    """Leave the process group once every rank is past its last collective. Without it gloo's threads can abort a
+    finished process at exit ("terminate called without an active exception", exit -6) and NCCL warns that pending
+    operations may be lost."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,23 @@
 """Shared pieces of the end-to-end tests: the papers' commands, small datasets and checkpoints."""
+import os
+import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
 import torch
 
+import engine
+import main
 import shapes
+from losses import build_criterion
+from models import create_student, random_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +46,20 @@ MANIFOLD_TRAIN = (
 )
 
 
+# A tiny student and a wider teacher, so that the [CLS]-KD projector exists and is trained.
+FEATURE_KD = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_small_patch16_224',
+              '--distillation-type', 'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '1',
+              '--batch-size', '4', '--warmup-epochs', '0', '--seed', '0']
+# Launches: main.py with every rank also saving its own state (rank_checkpoints.py), and how long one may take.
+PROBE = 'tests/rank_checkpoints.py'
+LAUNCH_TIMEOUT_S = 300
+# Variables of an outer launcher that would redirect the launches under test.
+LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK')
+LAUNCHER_PREFIXES = ('SLURM_', 'PET_', 'TORCHELASTIC_')
+# DeiT's evaluation line.
+ACCURACY_LINE = re.compile(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', re.M)
+
+
 def main_argv(command: str, **placeholders: str) -> list[str]:
     """The arguments after ``main.py`` of a README command, with ``<placeholders>`` filled in."""
     for name, value in placeholders.items():
@@ -63,6 +86,68 @@ def save_teacher(path: Path, model_name: str, num_classes: int = 1000, **kwargs)
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict:
+    """This environment without any launcher's variables, single-threaded, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **extra)
+    return env
+
+
+def launch(command: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env or launch_env(), capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def torchrun(*launcher_args: str) -> list[str]:
+    """``torchrun ...`` as ``python -m torch.distributed.run ...``, so that it uses this interpreter."""
+    return ['-m', 'torch.distributed.run', *launcher_args]
+
+
+def rank_states(out: Path, world_size: int) -> list[dict]:
+    """What every rank of a ``PROBE`` launch saved, on the CPU (so that ranks on different GPUs compare)."""
+    return [torch.load(out / f'rank{r}-checkpoint.pth', map_location='cpu', weights_only=False)
+            for r in range(world_size)]
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f'{what} differs between ranks: {differ[:5]}'
+
+
+def assert_ranks_in_sync(states: list[dict]) -> None:
+    """Model (projector included), EMA and optimizer state are identical on every rank, and training moved them."""
+    first = states[0]
+    projector = [k for k in first['model'] if k.startswith('projector.')]
+    assert projector, 'the student has no projector: the run does not test its gradient reduction'
+    for other in states[1:]:
+        assert_same_tensors(first['model'], other['model'], 'model')
+        assert_same_tensors(first['model_ema'], other['model_ema'], 'model_ema')
+        assert first['optimizer']['state'].keys() == other['optimizer']['state'].keys()
+        for index, state in first['optimizer']['state'].items():
+            assert_same_tensors(state, other['optimizer']['state'][index], f'optimizer state {index}')
+    # The EMA (decay ~1) stays near the initial weights: the projector moved away from them, so it was trained.
+    assert all(not torch.equal(first['model'][k], first['model_ema'][k]) for k in projector)
+
+
+@pytest.fixture()
+def keep_signal_handlers():
+    """main.py installs preemption handlers; the test process gets its own back after the test."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
     """One intra-op thread: on a busy machine OpenMP threads waiting on each other make the runs many times slower."""
@@ -70,3 +155,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def check_compiled_matches_eager(device: torch.device, rel: float, rtol: float, atol: float) -> None:
+    """--compile traces the token hooks with the models and freezes the teacher's weights into its graph: every
+    term (within ``rel``) and every gradient (``rtol``/``atol``) must stay what eager gives on ``device``, and a
+    later update of the student's weights must show in the compiled losses."""
+    argv = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type',
+            'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '2', '--w-sample', '0.1',
+            '--w-patch', '4', '--w-rand', '0.2', '--input-size', '32', '--drop-path', '0']
+    args = main.get_args_parser().parse_args(argv)
+    num_classes, batch, size = 10, 4, 32
+    torch.manual_seed(0)
+    teacher = random_teacher(args, num_classes).to(device)
+    student = create_student(args, teacher, num_classes).to(device)
+    criterion = build_criterion(args)
+    samples = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.nn.functional.one_hot(torch.randint(0, num_classes, (batch,), device=device), num_classes).float()
+
+    def losses_and_gradients(model, frozen, loss):
+        torch.manual_seed(1)  # the random relation term samples its tokens
+        terms = engine.compute_losses(model, frozen, loss, samples, targets)
+        terms['loss'].backward()
+        gradients = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        return {name: value.item() for name, value in terms.items()}, gradients
+
+    eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
+    compiled_models = main.compile_models(student, teacher, criterion)
+    # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)
+    assert all(eager_terms[name] > 0 for name in ('kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn'))
+    assert compiled_terms == pytest.approx(eager_terms, rel=rel)
+    for compiled, eager in zip(compiled_gradients, eager_gradients):
+        torch.testing.assert_close(compiled, eager, rtol=rtol, atol=atol)
+
+    # The teacher's weights are constants of its graph, but the student's are not: an update must show.
+    with torch.no_grad():
+        student.head.weight.mul_(2.0)
+    with torch._inductor.config.patch(fallback_random=True):
+        updated_terms, _ = losses_and_gradients(*compiled_models)
+    assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
+    assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=rel)

@@ -68,6 +68,21 @@ def test_shapes_defaults_deterministic_and_real_pngs(tmp_path):
     assert tree_digest(other_seed) != digest
 
 
+def test_shapes_as_imagenet_like_jpegs(tmp_path, capsys):
+    """``--image-size W H --jpeg-quality Q``: JPEGs of that size, which the ImageNet folder reader takes."""
+    out_dir = tmp_path / 'jpeg'
+    shapes.main([str(out_dir), '--num-classes', '2', '--train-per-class', '1', '--val-per-class', '1',
+                 '--image-size', '50', '30', '--jpeg-quality', '90'])
+    assert capsys.readouterr().out.strip() == str(out_dir)
+    with Image.open(out_dir / 'train' / '00_circle' / '0000.jpg') as img:
+        assert (img.format, img.size) == ('JPEG', (50, 30))
+    args = main.get_args_parser().parse_args(['--data-path', str(out_dir), '--input-size', '32'])
+    dataset, _ = build_dataset(True, args)
+    assert len(dataset) == 2 and dataset[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match='jpeg_quality'):
+        make_shapes_dataset(str(tmp_path / 'bad'), jpeg_quality=0)
+
+
 def test_shapes_cli(tmp_path, capsys):
     out_dir = tmp_path / 'cli'
     shapes.main([str(out_dir), '--num-classes', '12', '--train-per-class', '2', '--val-per-class', '1',

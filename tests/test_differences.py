@@ -4,7 +4,6 @@ Every test here names the difference it backs; README quotes the numbers these t
 """
 import copy
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import engine
 import main
-from helpers import make_shapes, one_thread, save_teacher  # noqa: F401 (autouse fixture)
+from helpers import keep_signal_handlers, make_shapes, one_thread, save_teacher  # noqa: F401 (fixtures)
 from losses import random_token_index
 
 IMAGE_SIZE = 32
@@ -66,15 +65,8 @@ def test_random_tokens_are_a_uniform_subset_per_pair_from_one_draw():
     assert together / draws == pytest.approx(k * k / total, rel=0.05)
 
 
-@pytest.fixture()
-def keep_signal_handlers():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def test_the_same_seed_repeats_a_run_exactly(tmp_path, keep_signal_handlers):
+@pytest.mark.usefixtures('keep_signal_handlers')
+def test_the_same_seed_repeats_a_run_exactly(tmp_path):
     """Runs repeat for a given --seed on a given machine (the originals never seed Python's random, which timm's
     crop draws from), with DataLoader workers, augmentation, mixup, drop path and the random-token term on."""
     shapes = make_shapes(tmp_path / 'shapes', train_per_class=2, val_per_class=1)

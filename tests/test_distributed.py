@@ -4,15 +4,12 @@ Every launch runs the real training or evaluation of main.py in separate process
 main.py with one addition, every rank saving its own state, so that the ranks can be compared after training.
 """
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import timm
@@ -20,7 +17,8 @@ import torch
 
 import checkpoints
 import main
-from helpers import CLSKD_TRAIN, REPO, main_argv, save_teacher
+from helpers import (CLSKD_TRAIN, FEATURE_KD, LAUNCH_TIMEOUT_S, PROBE, REPO, assert_ranks_in_sync, assert_same_tensors,
+                     free_port, launch, launch_env, main_argv, rank_states, save_teacher, torchrun)
 from samplers import RASampler, ShardedEvalSampler
 from shapes import make_shapes_dataset
 
@@ -28,74 +26,14 @@ WORLD_SIZE = 2
 NUM_REPEATS = 3  # RASampler's default
 IMAGE_SIZE = 32
 TRAIN_PER_CLASS = 2
-LAUNCH_TIMEOUT_S = 300
-PROBE = 'tests/rank_checkpoints.py'
 # Tiny, CPU-only, single-threaded runs: two processes share the machine's cores.
 SMALL_RUN = ['--input-size', str(IMAGE_SIZE), '--num_workers', '0', '--device', 'cpu', '--print-freq', '1']
-# A tiny student and a wider teacher, so that the [CLS]-KD projector exists and is trained.
-FEATURE_KD = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_small_patch16_224',
-              '--distillation-type', 'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '1',
-              '--batch-size', '4', '--warmup-epochs', '0', '--seed', '0']
-# Variables of an outer launcher that would redirect the launches under test.
-LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK')
-LAUNCHER_PREFIXES = ('SLURM_', 'PET_', 'TORCHELASTIC_')
 ACC_LINE = re.compile(r'^\* Acc@1 \d+\.\d{3} Acc@5 \d+\.\d{3} loss \d+\.\d{3}$', re.M)
 # Eval set: an odd number of images and classes, so that the shards are uneven and Acc@5 is not trivially 100.
 EVAL_CLASSES = 13
 SLURM_EPOCHS = 4
 POLL_S = 0.05
 HEAD_SCALE = 0.3  # logits a few units apart, so that a miscounted image moves the loss in its third decimal
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def launch_env(**extra: str) -> dict:
-    """This environment without any launcher's variables, single-threaded, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **extra)
-    return env
-
-
-def launch(command: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env or launch_env(), capture_output=True,
-                            text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def torchrun(*launcher_args: str) -> list[str]:
-    """``torchrun ...`` as ``python -m torch.distributed.run ...``, so that it uses this interpreter."""
-    return ['-m', 'torch.distributed.run', *launcher_args]
-
-
-def rank_states(out: Path) -> list[dict]:
-    return [torch.load(out / f'rank{r}-checkpoint.pth', weights_only=False) for r in range(WORLD_SIZE)]
-
-
-def assert_same_tensors(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f'{what} differs between ranks: {differ[:5]}'
-
-
-def assert_ranks_in_sync(states: list[dict]) -> None:
-    """Model (projector included), EMA and optimizer state are identical on every rank, and training moved them."""
-    first = states[0]
-    projector = [k for k in first['model'] if k.startswith('projector.')]
-    assert projector, 'the student has no projector: the run does not test its gradient reduction'
-    for other in states[1:]:
-        assert_same_tensors(first['model'], other['model'], 'model')
-        assert_same_tensors(first['model_ema'], other['model_ema'], 'model_ema')
-        assert first['optimizer']['state'].keys() == other['optimizer']['state'].keys()
-        for index, state in first['optimizer']['state'].items():
-            assert_same_tensors(state, other['optimizer']['state'][index], f'optimizer state {index}')
-    # The EMA (decay ~1) stays near the initial weights: the projector moved away from them, so it was trained.
-    assert all(not torch.equal(first['model'][k], first['model_ema'][k]) for k in projector)
 
 
 def assert_sampler_log(states: list[dict], train_size: int, epochs: int) -> None:
@@ -189,7 +127,7 @@ def test_torchrun_keeps_ranks_identical(shapes, teacher, train_size, tmp_path):
     launch(torchrun(f'--nproc_per_node={WORLD_SIZE}', f'--master_port={free_port()}')
            + [PROBE, '--distributed', '--data-path', str(shapes), '--teacher-path', str(teacher), '--output_dir',
               str(out), '--epochs', str(epochs), *FEATURE_KD, *SMALL_RUN])
-    states = rank_states(out)
+    states = rank_states(out, WORLD_SIZE)
     assert [s['epoch'] for s in states] == [epochs - 1] * WORLD_SIZE
     assert_ranks_in_sync(states)
     assert_sampler_log(states, train_size, epochs)
@@ -216,7 +154,7 @@ def test_torchrun_two_nodes_keeps_ranks_identical(shapes, teacher, train_size, t
             proc.kill()
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
-    states = rank_states(out)
+    states = rank_states(out, WORLD_SIZE)
     assert_ranks_in_sync(states)
     assert_sampler_log(states, train_size, 1)
     assert all(len(state['rng_states']) == WORLD_SIZE for state in states)

@@ -1,6 +1,7 @@
 """End to end: the papers' commands train, write checkpoints and logs, and evaluate original-layout checkpoints."""
 import argparse
 import json
+import math
 import re
 
 import pytest
@@ -13,12 +14,11 @@ import datasets
 import engine
 import main
 import models
-from helpers import CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, main_argv, make_shapes, run_main, save_teacher
-from losses import build_criterion
-from models import create_student, random_teacher
+from helpers import (ACCURACY_LINE, CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, REPO, check_compiled_matches_eager,
+                     main_argv, make_shapes, run_main, save_teacher)
+from models import random_teacher
 
 CLSKD_TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
-DEIT_LINE = re.compile(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', re.M)
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def test_clskd_train_command_trains_one_epoch(shapes, base_teacher, tmp_path):
     result = run_main(argv + ['--epochs', '1', '--device', 'cpu'])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Not using distributed mode' in result.stdout
-    assert DEIT_LINE.search(result.stdout)
+    assert ACCURACY_LINE.search(result.stdout)
 
     log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     assert len(log) == 1 and log[0]['epoch'] == 0
@@ -90,7 +90,7 @@ def test_clskd_test_command_evaluates_original_checkpoint(shapes, tmp_path):
                      path_of_distilled_model=checkpoint)
     result = run_main(argv + ['--device', 'cpu', '--num_workers', '0'])
     assert result.returncode == 0, result.stderr[-3000:]
-    acc1, acc5, loss = map(float, DEIT_LINE.search(result.stdout).groups())
+    acc1, acc5, loss = map(float, ACCURACY_LINE.search(result.stdout).groups())
 
     # The same checkpoint evaluated directly must give the same numbers: the weights really were loaded.
     args = main.get_args_parser().parse_args(argv + ['--device', 'cpu'])
@@ -111,7 +111,7 @@ def test_eval_without_projector_flags_skips_projector_keys(shapes, tmp_path):
                        '--resume', str(tmp_path / 'ckpt.pth'), '--device', 'cpu', '--num_workers', '0'])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'the projector is only used in training' in result.stdout
-    assert DEIT_LINE.search(result.stdout)
+    assert ACCURACY_LINE.search(result.stdout)
 
 
 def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
@@ -128,6 +128,23 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
     # Student fwd+bwd (3x) plus teacher fwd of DeiT-Ti/S at 32 px: a fraction of a GFLOP per image.
     assert 0.05 < gflops < 1.0
     assert 'data pipeline:' in out
+
+
+def test_papers_mode_takes_only_run_flags(capsys):
+    """``benchmark.py --papers`` sets the models, losses and batches itself: another such flag is one line, exit 2."""
+    assert benchmark.run_papers(['--device', 'cpu', '--model', 'deit_small_patch16_224']) == main.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: --papers sets') and 'drop --model' in err
+
+
+def test_papers_table_rows_fit_the_readme_table():
+    """The printed header is README's Performance table header, and a row has its columns in its format."""
+    assert benchmark.TABLE_HEADER.splitlines()[0] in (REPO / 'README.md').read_text()
+    stats = {'images_per_s': 6.61, 'ms_per_step': 1210.4, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.84,
+             'peak_tflops': 0.401, 'mfu': 0.7221}
+    row = benchmark.table_row('[CLS]-KD, DeiT-B → DeiT-Ti', torch.device('cpu'), torch.float32, 8, stats)
+    assert row.endswith('| fp32 | 8 | 6.6 | 1210 | n/a | 43.8 | 72.2% of 401 GFLOP/s |')
+    assert row.count('|') == benchmark.TABLE_HEADER.splitlines()[0].count('|')
 
 
 def test_flop_count_includes_cpu_attention():
@@ -153,45 +170,7 @@ def test_adam_optimizers_are_fused_on_cpu(opt, fused):
 
 
 def test_compiled_models_give_the_eager_losses_and_gradients():
-    # --compile traces the token hooks with the models and freezes the teacher's weights into its graph: every
-    # term and every gradient must stay what eager gives.
-    argv = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type',
-            'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '2', '--w-sample', '0.1',
-            '--w-patch', '4', '--w-rand', '0.2', '--input-size', '32', '--drop-path', '0']
-    args = main.get_args_parser().parse_args(argv)
-    args.nb_classes = 10
-    torch.manual_seed(0)
-    teacher = random_teacher(args, 10)
-    student = create_student(args, teacher)
-    criterion = build_criterion(args)
-    samples = torch.randn(4, 3, 32, 32)
-    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (4,)), 10).float()
-
-    def losses_and_gradients(model, frozen, loss):
-        torch.manual_seed(1)  # the random relation term samples its tokens
-        terms = engine.compute_losses(model, frozen, loss, samples, targets)
-        terms['loss'].backward()
-        gradients = [p.grad.clone() for p in student.parameters()]
-        student.zero_grad(set_to_none=True)
-        return {name: value.item() for name, value in terms.items()}, gradients
-
-    eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
-    compiled_models = main.compile_models(student, teacher, criterion)
-    # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)
-    assert all(eager_terms[name] > 0 for name in ('kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn'))
-    assert compiled_terms == pytest.approx(eager_terms, rel=1e-5)
-    for compiled, eager in zip(compiled_gradients, eager_gradients):
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-
-    # The teacher's weights are constants of its graph, but the student's are not: an update must show.
-    with torch.no_grad():
-        student.head.weight.mul_(2.0)
-    with torch._inductor.config.patch(fallback_random=True):
-        updated_terms, _ = losses_and_gradients(*compiled_models)
-    assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
-    assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=1e-5)
+    check_compiled_matches_eager(torch.device('cpu'), rel=1e-5, rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_weights_stored_in_the_autocast_dtype_give_the_same_results():
