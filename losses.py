@@ -222,8 +222,25 @@ class DistillationCriterion(nn.Module):
             teacher_tokens: Sequence[torch.Tensor] = (),
             projector: Optional[nn.Module] = None,
     ) -> dict[str, torch.Tensor]:
-        w = self.weights
         logits, logits_kd = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
+        # Inside an autocast region the .float() inputs alone would still have their products (Gram matrices,
+        # attention maps, the projector) run in bf16/fp16: autocast is switched off for the loss math.
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.weighted_terms(logits, logits_kd, targets, teacher_logits, student_tokens, teacher_tokens,
+                                       projector)
+
+    def weighted_terms(
+            self,
+            logits: torch.Tensor,
+            logits_kd: torch.Tensor,
+            targets: torch.Tensor,
+            teacher_logits: Optional[torch.Tensor],
+            student_tokens: Sequence[torch.Tensor],
+            teacher_tokens: Sequence[torch.Tensor],
+            projector: Optional[nn.Module],
+    ) -> dict[str, torch.Tensor]:
+        """Every weighted contribution and their sum, in float32."""
+        w = self.weights
         base = self.base_criterion(logits.float(), targets)
         if w.distillation_type == 'none':
             return {'base': base, 'loss': base}

@@ -147,3 +147,19 @@ def test_loss_math_runs_in_float32_for_bf16_tokens(pairs):
     low = ([s.bfloat16() for s in student], [t.bfloat16() for t in teacher])
     terms = criterion_terms(make_args(w_cls=1.0, dim_match='relation'), low)
     assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+def test_loss_math_is_float32_inside_autocast(pairs):
+    """The training step calls the criterion inside autocast: its Gram products, attention maps and projector must
+    still run in float32, giving exactly the terms of a call outside autocast."""
+    student, teacher = pairs
+    low = ([s.bfloat16() for s in student], [t.bfloat16() for t in teacher])
+    args = make_args(w_cls=1.0, dim_match='relation')
+    torch.manual_seed(0)
+    outside = criterion_terms(args, low)
+    torch.manual_seed(0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        inside = criterion_terms(args, low)
+    assert set(inside) == set(outside)
+    for name in outside:
+        assert torch.equal(inside[name], outside[name]), name
