@@ -28,7 +28,7 @@ from engine import NonFiniteLossError, Precision, cpu_has_native_bf16, evaluate,
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
 from models import (FrozenCompiledTeacher, check_timm_weights, check_token_shapes, create_student, create_teacher,
-                    no_token_capture, random_teacher, store_matmul_weights_in, timm_weights_overlay)
+                    no_token_capture, random_teacher, store_matmul_weights_in, timm_weights_overlay, token_width)
 from samplers import RASampler, ShardedEvalSampler
 from utils import UserError
 
@@ -330,6 +330,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f'{flag} {path}: no such file')
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         raise UserError('--finetune with distillation is not supported (as in DeiT): drop one of them')
+    if trains_with_teacher and args.dim_t is not None:
+        width = token_width(args.teacher_model, 1, args.input_size)
+        if width is None or int(args.dim_t) != width:
+            raise UserError(f'--dim-t {args.dim_t:g} does not match --teacher-model {args.teacher_model} '
+                            f'(token width {width if width is not None else "none: it has no tokens"})')
     if trains_with_teacher and feature_distillation(args):
         # The block ranges, token counts and widths need only the architectures: meta-device models, no weights.
         check_token_shapes(args, num_classes=1)
@@ -427,9 +432,6 @@ def build_teacher(args, num_classes: int, device: torch.device, precision: Preci
     else:
         print('No --teacher-path: the teacher keeps random weights (for the benchmark)')
         teacher = random_teacher(args, num_classes)
-    if args.dim_t is not None and int(args.dim_t) != teacher.embed_dim:
-        raise UserError(f'--dim-t {args.dim_t:g} does not match --teacher-model {args.teacher_model} '
-                        f'(token width {teacher.embed_dim})')
     teacher.to(device)
     if precision.enabled:
         store_matmul_weights_in(teacher, precision.dtype)

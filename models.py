@@ -199,12 +199,13 @@ def teacher_size_kwargs(name: str, image_size: Union[int, tuple[int, int]]) -> d
     return {'img_size': image_size} if cfg is None or cfg.fixed_input_size else {}
 
 
-def token_width(model_name: str, num_classes: int, input_size: int) -> int:
-    """The token width of a model, read from a weightless (meta device) instance."""
+def token_width(model_name: str, num_classes: int, input_size: int) -> Optional[int]:
+    """The token width of a model, read from a weightless (meta device) instance; None for a model without tokens
+    (a CNN)."""
     with torch.device('meta'):
         model = build_model(model_name, '--teacher-model', num_classes=num_classes,
                             **teacher_size_kwargs(model_name, input_size))
-    return model.embed_dim
+    return getattr(model, 'embed_dim', None)
 
 
 def init_like_originals(student: nn.Module) -> None:

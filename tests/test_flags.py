@@ -100,3 +100,14 @@ def test_distributed_without_a_launcher_says_so(shapes, tmp_path, capsys):
             '--data-path', str(shapes), '--num_workers', '0', '--device', 'cpu', '--distributed']
     assert main.run(argv) == 0
     assert 'no launcher environment' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('teacher', ['deit_base_patch16_224', 'test_resnet'])
+def test_dim_t_is_checked_against_the_teacher_before_any_work(teacher, shapes, tmp_path, capsys):
+    """--dim-t is read from a weightless instance of --teacher-model: the teacher file is not even loaded."""
+    unread = tmp_path / 'teacher.pth'
+    unread.write_bytes(b'not read')
+    argv = ['--data-path', str(shapes), '--distillation-type', 'soft', '--teacher-model', teacher,
+            '--teacher-path', str(unread), '--dim-t', '100']
+    err = fails_cleanly(argv, tmp_path, capsys, '--dim-t 100')
+    assert teacher in err
