@@ -312,7 +312,7 @@ def run_papers(argv: list[str]) -> int:
                 main.check_args(args)
                 stats = run(args)
                 mode = configuration.mode + (', `--compile`' if compiled else '')
-                rows.append((mode, stats, table_row(mode, device, main.amp_dtype(args, device),
+                rows.append((mode, stats, table_row(mode, device, main.amp_dtype(args, device)[0],
                                                     configuration.batch_size, stats)))
                 forget_compiled_models(device)
     except UserError as err:

@@ -37,9 +37,9 @@ CLSKD, CLSKD_SMALL, MANIFOLD = PAPER_CONFIGURATIONS
 MIXED_PRECISION_BATCH = 8  # the papers' models at 224 px; a few images keep the comparison quick
 RANDOM_TOKENS_SEED = 1  # the random relation term draws its tokens: the same ones in every precision
 # Every loss term under autocast against float32, relative. bf16 keeps 8 significant bits (rounding 2^-9 ~ 2e-3 per
-# operation) in the matmuls, the attention and the loss terms' Gram products (autocast casts those too, as the
-# originals' fp16 autocast did). With CPU bf16 autocast, these configurations' terms moved by at most 7.2e-3 over four
-# batches, fp16 (11 bits) by at most 7.4e-4 on one: 2e-2 is three times the worst seen.
+# operation) in the models' matmuls and attention; the loss terms themselves run in float32. With CPU bf16 autocast,
+# these configurations' terms moved by at most 7.2e-3 over four batches, fp16 (11 bits) by at most 7.4e-4 on one
+# (measured while the loss terms' products still ran under autocast too): 2e-2 is three times the worst seen.
 MIXED_PRECISION_REL = 2e-2
 MAX_SCALER_BACKOFFS = 8  # fp16 steps that may overflow at the start while the scaler lowers its scale
 OPTIMIZER_STEPS = 3

@@ -147,6 +147,17 @@ def test_papers_table_rows_fit_the_readme_table():
     assert row.count('|') == benchmark.TABLE_HEADER.splitlines()[0].count('|')
 
 
+def test_papers_mode_prints_a_row_per_configuration_and_mode(monkeypatch, capsys):
+    """Every configuration eager and compiled, each row with its precision; the steps themselves are stubbed."""
+    stats = {'images_per_s': 6.61, 'ms_per_step': 1210.4, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.84,
+             'peak_tflops': 0.401, 'mfu': 0.7221}
+    monkeypatch.setattr(benchmark, 'run', lambda args: stats)
+    assert benchmark.run_papers(['--device', 'cpu', '--no-amp']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '→' in line]
+    assert len(rows) == 2 * len(benchmark.PAPER_CONFIGURATIONS)
+    assert all('| fp32 |' in row for row in rows) and sum('`--compile`' in row for row in rows) == 3
+
+
 def test_flop_count_includes_cpu_attention():
     # DeiT-Ti forward at 32 px (4 patches + [CLS]): patch conv, 12 blocks of linears and attention, head.
     tokens, width, depth, mlp, classes, patches = 5, 192, 12, 768, 1000, 4
