@@ -19,6 +19,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -348,14 +349,17 @@ def quickstart(args: argparse.Namespace) -> int:
     commands = {run.name: main_command(run, args, out) for run in runs}
     (out / COMMANDS_NAME).write_text('\n'.join(shlex.join(['python', *c[1:]]) for c in commands.values()) + '\n')
     cores = os.cpu_count() or 1
+    recording = threading.Lock()  # students finish on several threads; one at a time updates quickstart.json
 
     def train(run: Run, threads: int) -> None:
         run_dir = out / run.name
         if run.name in seconds and is_finished(run, run_dir):
             print(f'{run.method}, seed {run.seed}: finished earlier in {run_dir}, reused')
             return
-        seconds[run.name] = run_main(run, commands[run.name], run_dir, args.verbose, threads)
-        (out / SETTINGS_NAME).write_text(json.dumps({'settings': settings, 'seconds': seconds}, indent=1) + '\n')
+        run_seconds = run_main(run, commands[run.name], run_dir, args.verbose, threads)
+        with recording:
+            seconds[run.name] = run_seconds
+            (out / SETTINGS_NAME).write_text(json.dumps({'settings': settings, 'seconds': seconds}, indent=1) + '\n')
 
     teacher, students = runs[0], runs[1:]
     train(teacher, cores)  # the students need its checkpoint
