@@ -132,7 +132,6 @@ def augmentation_policy(text: str) -> str:
     return text
 
 
-
 def device_name(text: str) -> str:
     try:
         torch.device(text)
