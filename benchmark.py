@@ -7,10 +7,13 @@ forward, student forward and backward, loss terms. MFU is against the GPU's dens
 set it), or on a CPU against the matmul rate measured in the same run. With ``--data-path`` the training DataLoader
 is timed alone too.
 
-``python benchmark.py --papers <run flags>`` times the papers' three configurations, eager and compiled, and prints
-one markdown table in the layout of README's Performance table; with ``--data-path`` (an ImageNet-style folder, e.g.
-the JPEGs ``shapes.py --image-size 500 375 --jpeg-quality 90`` writes) also the data pipeline's images/s per worker
-and how many workers each row needs.
+``python benchmark.py --papers <run flags>`` (``main.py --benchmark --papers``) times the papers' three
+configurations, eager and compiled, and prints one markdown table in the layout of the Performance table; with
+``--data-path`` (an ImageNet-style folder, e.g. the JPEGs ``shapes.py --image-size 500 375 --jpeg-quality 90``
+writes) also the data pipeline's images/s per worker and how many workers each row needs.
+
+The script is ``main.py --benchmark``: ``main`` imports this module and hands it the parsed flags and the device;
+the module builds from ``engine``, ``models``, ``datasets`` and ``losses`` only.
 """
 import argparse
 import gc
@@ -21,7 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -30,17 +33,38 @@ from torch.utils import flop_counter
 from timm.utils import random_seed
 from torch.utils.flop_counter import FlopCounterMode
 
-import main
 import models
 import utils
-from datasets import IMAGENET_NUM_CLASSES, build_dataset
-from engine import Precision, training_step
+from datasets import IMAGENET_NUM_CLASSES, build_dataset, build_loaders, build_mixup
+from engine import Precision, build_optimizer, training_step
 from launch import LaunchEnvironment
 from losses import build_criterion
 from utils import UserError
 
-# Dense tensor-core peaks (TFLOP/s, bf16 = fp16) by device name; MFU is measured against these.
-GPU_DENSE_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10G': 125.0}
+# Dense (not 2:4-sparse) bf16 = fp16 tensor-core peaks in TFLOP/s, by the exact name torch.cuda.get_device_name
+# gives; MFU is measured against these. Sources: NVIDIA's datasheets (A100: "NVIDIA A100 Tensor Core GPU" datasheet;
+# H100 SXM, PCIe and NVL: "NVIDIA H100 Tensor Core GPU" datasheet, the NVL figure per GPU; H200 and H200 NVL: "NVIDIA
+# H200 Tensor Core GPU" datasheet; GH200: "NVIDIA GH200 Grace Hopper Superchip" datasheet; L40S: "NVIDIA L40S"
+# datasheet; A10: "NVIDIA A10 Tensor Core GPU" datasheet; B200: "NVIDIA HGX B200" specifications, 4.5 PFLOP/s sparse
+# per GPU) and, for AWS's A10G, which has no NVIDIA datasheet, Baseten's "NVIDIA A10 vs A10G" comparison. Datasheets
+# give sparse figures twice the dense ones; these are the dense halves. Another name (a MIG slice, a new card) has
+# no entry: --peak-tflops gives its peak.
+GPU_DENSE_PEAK_TFLOPS = {
+    'NVIDIA A100-SXM4-40GB': 312.0,
+    'NVIDIA A100-SXM4-80GB': 312.0,
+    'NVIDIA A100-PCIE-40GB': 312.0,
+    'NVIDIA A100 80GB PCIe': 312.0,
+    'NVIDIA H100 80GB HBM3': 989.0,  # SXM5
+    'NVIDIA H100 PCIe': 756.0,
+    'NVIDIA H100 NVL': 835.0,
+    'NVIDIA H200': 989.0,  # SXM
+    'NVIDIA H200 NVL': 835.0,
+    'NVIDIA GH200 480GB': 989.0,
+    'NVIDIA L40S': 362.0,
+    'NVIDIA A10': 125.0,
+    'NVIDIA A10G': 70.0,
+    'NVIDIA B200': 2250.0,
+}
 NUM_CLASSES = IMAGENET_NUM_CLASSES  # the papers' models
 STEPS_PER_RATE_MEASUREMENT = 5  # timed steps between two measurements of the CPU matmul rate
 MATMUL_SIZE = 4096
@@ -55,7 +79,7 @@ CLSKD_GPU_BATCH = 128  # the papers' per-GPU batches: [CLS]-KD 4 x 128, Manifold
 MANIFOLD_GPU_BATCH = 64
 # What ``--papers`` takes from its command line; the models, losses and batch sizes are its own.
 PAPERS_RUN_FLAGS = ('device', 'seed', 'benchmark_steps', 'benchmark_warmup', 'peak_tflops', 'amp', 'amp_dtype',
-                    'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark')
+                    'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark', 'papers')
 # The data pipeline is timed on batches of this size, skipping one batch per worker (their start), then over
 # this many batches per worker.
 DATA_TIMING_BATCH = 32
@@ -122,12 +146,27 @@ def matmul_flops_per_second(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor)
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start)
 
 
-def gpu_peak_flops(device: torch.device) -> Optional[float]:
-    """The dense bf16 peak of a known GPU, else None."""
+def gpu_peak_flops(name: str) -> Optional[float]:
+    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``), None for a name not in the
+    table."""
+    tflops = GPU_DENSE_PEAK_TFLOPS.get(name.strip())
+    return tflops * TERA if tflops is not None else None
+
+
+def peak_flops(device: torch.device, given_tflops: Optional[float]) -> tuple[Optional[float], str]:
+    """The peak MFU is measured against and where it comes from: ``--peak-tflops``, a known GPU's dense peak, or
+    (None) the matmul rate the benchmark measures, on a CPU or on a GPU it does not know (it says so)."""
+    if given_tflops:
+        return given_tflops * TERA, 'given peak'
     if device.type != 'cuda':
-        return None
+        return None, 'measured matmul rate'
     name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in GPU_DENSE_PEAK_TFLOPS.items() if key in name), None)
+    peak = gpu_peak_flops(name)
+    if peak is not None:
+        return peak, f'dense bf16 peak of the {name}'
+    print(f'Note: no dense peak is known for the GPU "{name}": MFU is against the measured matmul rate; '
+          '--peak-tflops <its datasheet dense bf16 TFLOP/s> measures against its peak')
+    return None, 'measured matmul rate'
 
 
 def estimate_mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> float:
@@ -204,22 +243,21 @@ def data_images_per_second(loader, batches: int, warmup: int, data_path: str) ->
     return images / (time.perf_counter() - start)
 
 
-def run(args) -> dict[str, float]:
-    """Benchmark the training step the flags describe; prints the report and returns the step's numbers."""
-    device = torch.device(args.device)
+def run(args, device: torch.device) -> dict[str, float]:
+    """Benchmark the training step the flags describe on ``device``; prints the report and returns the step's
+    numbers."""
     random_seed(args.seed)
-    precision = main.build_precision(args, device)
-    teacher = main.build_teacher(args, NUM_CLASSES, device, precision)
+    precision = Precision.for_training(args, device)
+    teacher = models.load_teacher(args, NUM_CLASSES, device, precision.dtype)
     model = models.create_student(args, teacher, NUM_CLASSES).to(device)
-    optimizer = main.build_optimizer(args, model, device, args.lr)
+    optimizer = build_optimizer(args, model, device, args.lr)
     criterion = build_criterion(args)
     if args.compile:
-        model, teacher, criterion = main.compile_models(model, teacher, criterion)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
+        model, teacher, criterion = models.compile_models(model, teacher, criterion)
+    peak, peak_source = peak_flops(device, args.peak_tflops)
     stats = time_training_step(model, teacher, criterion, optimizer, precision, device, args.batch_size,
                                args.input_size, args.benchmark_steps, args.benchmark_warmup, peak,
-                               mixup_fn=main.build_mixup(args, NUM_CLASSES))
-    peak_source = 'given peak' if args.peak_tflops else ('dense peak' if peak else 'measured matmul rate')
+                               mixup_fn=build_mixup(args, NUM_CLASSES))
     print(f'Benchmark {args.model} <- {args.teacher_model if teacher is not None else "no teacher"} '
           f'| device {device.type} | {precision.describe()} | batch {args.batch_size} | {args.input_size} px')
     memory = 'n/a' if math.isnan(stats['peak_memory_gib']) else f'{stats["peak_memory_gib"]:.2f} GiB'
@@ -237,7 +275,7 @@ def run(args) -> dict[str, float]:
 def data_rate_per_worker(args, batches: int, warmup: int) -> float:
     """Images/s per worker of the training DataLoader the flags build (``--num_workers 0``: the main process)."""
     dataset, _ = build_dataset(is_train=True, args=args)
-    loader, _ = main.build_loaders(args, dataset, dataset, LaunchEnvironment())
+    loader, _ = build_loaders(args, dataset, dataset, LaunchEnvironment())
     rate = data_images_per_second(loader, batches, warmup, args.data_path)
     per_worker = rate / max(args.num_workers, 1)
     print(f'  data pipeline: {rate:.1f} images/s with {args.num_workers} workers ({per_worker:.1f} per worker)')
@@ -267,18 +305,18 @@ def table_row(mode: str, device: torch.device, dtype: torch.dtype, batch_size: i
             f'{stats["gflops_per_image"]:.1f} | {100 * stats["mfu"]:.1f}% of {peak_text} |')
 
 
-def parse_papers_run_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """The run flags of ``--papers``; a model, loss or batch flag is refused (the configurations set them)."""
-    args, defaults = vars(parser.parse_args(argv)), vars(parser.parse_args([]))
+def check_papers_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--papers`` takes run flags only; a model, loss or batch flag is refused (the configurations set them)."""
+    given, defaults = vars(args), vars(parser.parse_args([]))
     for action in parser._actions:
-        if action.dest not in PAPERS_RUN_FLAGS and args.get(action.dest) != defaults.get(action.dest):
+        if action.dest not in PAPERS_RUN_FLAGS and given.get(action.dest) != defaults.get(action.dest):
             raise UserError(f'{PAPERS_FLAG} sets the models, losses and batch sizes itself: drop '
                             f'{action.option_strings[0]} (it takes {", ".join(run_flag_names(parser))})')
-    return argparse.Namespace(**args)
 
 
 def run_flag_names(parser: argparse.ArgumentParser) -> list[str]:
-    return [a.option_strings[0] for a in parser._actions if a.dest in PAPERS_RUN_FLAGS and a.dest != 'benchmark']
+    return [a.option_strings[0] for a in parser._actions
+            if a.dest in PAPERS_RUN_FLAGS and a.dest not in ('benchmark', 'papers')]
 
 
 def forget_compiled_models(device: torch.device) -> None:
@@ -289,35 +327,31 @@ def forget_compiled_models(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_papers(argv: list[str]) -> int:
-    """Benchmark every paper configuration eager and with ``--compile``; print the rows measured as one markdown
+def run_papers(args: argparse.Namespace, parser: argparse.ArgumentParser,
+               check: Callable[[argparse.Namespace], None]) -> int:
+    """Benchmark every paper configuration eager and with ``--compile``, each with the run flags of ``args`` (parsed
+    by ``parser``; ``check`` is the training script's check of a flag set); print the rows measured as one markdown
     table (also after Ctrl-C or SIGINT, e.g. from ``timeout -s INT``), then the data pipeline's rate."""
-    parser = main.OneLineArgumentParser(f'benchmark.py {PAPERS_FLAG}', parents=[main.get_args_parser()])
+    check_papers_run_flags(parser, args)
+    device = torch.device(args.device)
     rows, per_worker, interrupted = [], None, False
     try:
-        run_args = parse_papers_run_flags(parser, argv)
-        device = torch.device(run_args.device)
-        if device.type == 'cpu':
-            utils.retain_freed_memory()
-        if run_args.data_path:
-            data_args = parser.parse_args([*argv, '--benchmark', '--batch-size', str(DATA_TIMING_BATCH)])
-            main.check_args(data_args)
+        if args.data_path:
+            data_args = argparse.Namespace(**{**vars(args), 'batch_size': DATA_TIMING_BATCH})
+            check(data_args)
             workers = max(data_args.num_workers, 1)
             per_worker = data_rate_per_worker(data_args, (1 + DATA_TIMED_BATCHES_PER_WORKER) * workers, workers)
         for configuration in PAPER_CONFIGURATIONS:
             for compiled in (False, True):
                 # The data pipeline was timed once above: the steps run on synthetic batches only.
-                args = parser.parse_args([*argv, '--benchmark', '--data-path', '', *configuration.argv(),
-                                          *(['--compile'] if compiled else [])])
-                main.check_args(args)
-                stats = run(args)
+                row_args = parser.parse_args([*configuration.argv(), *(['--compile'] if compiled else [])],
+                                             namespace=argparse.Namespace(**{**vars(args), 'data_path': ''}))
+                check(row_args)
+                stats = run(row_args, device)
                 mode = configuration.mode + (', `--compile`' if compiled else '')
-                rows.append((mode, stats, table_row(mode, device, main.amp_dtype(args, device)[0],
-                                                    configuration.batch_size, stats)))
+                dtype = Precision.for_training(row_args, device).dtype
+                rows.append((mode, stats, table_row(mode, device, dtype, configuration.batch_size, stats)))
                 forget_compiled_models(device)
-    except UserError as err:
-        sys.stderr.write(f'error: {err}\n')
-        return main.EXIT_USER_ERROR
     except KeyboardInterrupt:
         interrupted = True
     versions = f'torch {torch.__version__}, CUDA {torch.version.cuda or "none"}, timm {timm.__version__}'
@@ -326,7 +360,7 @@ def run_papers(argv: list[str]) -> int:
         print(row)
     if per_worker is not None:
         print(f'\nData pipeline: {per_worker:.1f} images/s per worker (DeiT\'s train transform on '
-              f'{run_args.data_path}); workers per GPU that keep each row fed:')
+              f'{args.data_path}); workers per GPU that keep each row fed:')
         for mode, stats, _ in rows:
             print(f'- {mode}: {math.ceil(stats["images_per_s"] / per_worker)}')
     if interrupted:
@@ -336,6 +370,6 @@ def run_papers(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-    if PAPERS_FLAG in sys.argv[1:]:
-        sys.exit(run_papers([arg for arg in sys.argv[1:] if arg != PAPERS_FLAG]))
+    # The script is ``main.py --benchmark``: main imports this module, never the other way round.
+    import main
     sys.exit(main.run(sys.argv[1:] + ['--benchmark']))

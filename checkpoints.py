@@ -4,16 +4,16 @@ Every file is read with ``torch.load(weights_only=True)`` behind a short allow-l
 is refused before anything of it runs. Writes go to a temporary file that is renamed over the old one.
 """
 import argparse
-import contextlib
 import os
 import pathlib
 import pickle
 import random
 import urllib.error
 import zipfile
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ PathLike = Union[str, os.PathLike]
 CHECKPOINT_NAME = 'checkpoint.pth'
 BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
 URL_SCHEMES = ('https://', 'http://')
+SAFETENSORS_SUFFIX = '.safetensors'
 # torch's load_state_dict lists every missing and unexpected key; a one-line error keeps this much of it.
 MAX_ERROR_CHARS = 300
 # A [CLS]-KD student's projector is trained with it but takes no part in its predictions.
@@ -119,18 +120,35 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu') -> dict:
     return checkpoint
 
 
-@contextlib.contextmanager
-def pretrained_weight_errors(source: str, model_flag: str) -> Iterator[None]:
-    """Around ``timm.create_model(pretrained=True)``: a failed download (network, hub, missing file: OSError; the
-    hub's missing-file error is no OSError) and weights that do not fit the model end in one line."""
+def weights_file_damage(path: str) -> Optional[str]:
+    """Why a local weights file (torch.save or safetensors) cannot be read, or None when it reads."""
     try:
-        yield
-    except (OSError, EntryNotFoundError) as err:
-        raise UserError(f'--teacher-path {source}: cannot download the weights of {model_flag}: '
-                        f'{_first_line(err)}') from None
-    except RuntimeError as err:
-        raise UserError(f'--teacher-path {source}: the weights do not fit {model_flag}: '
-                        f'{" ".join(str(err).split())[:MAX_ERROR_CHARS]}') from None
+        if path.endswith(SAFETENSORS_SUFFIX):
+            safetensors.torch.load_file(path, device='cpu')
+        else:
+            load_checkpoint(path)
+    except UserError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - safetensors reports damage as its own error types
+        return _first_line(err)
+    return None
+
+
+def pretrained_weights_error(err: Exception, source: str, model_flag: str, weights_file: Optional[str]) -> Exception:
+    """The one-line error for a failed ``timm.create_model(pretrained=True)``, given where its weights file lies
+    (None when it never arrived): a damaged or truncated file is named; a failed download (network, hub, missing
+    file: OSError; the hub's missing-file error is no OSError) and weights that do not fit the model are told as
+    such. Any other error is returned as it is."""
+    damage = weights_file_damage(weights_file) if weights_file and os.path.isfile(weights_file) else None
+    if damage is not None:
+        return UserError(f'--teacher-path {source}: the weights file of {model_flag} is damaged or truncated: '
+                         f'{weights_file} ({damage}); delete it and run again to download it afresh')
+    if isinstance(err, (OSError, EntryNotFoundError)):
+        return UserError(f'--teacher-path {source}: cannot download the weights of {model_flag}: {_first_line(err)}')
+    if isinstance(err, RuntimeError):
+        return UserError(f'--teacher-path {source}: the weights do not fit {model_flag}: '
+                         f'{" ".join(str(err).split())[:MAX_ERROR_CHARS]}')
+    return err
 
 
 def _fsync_dir(directory: str) -> None:

@@ -14,14 +14,16 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from timm.data import auto_augment, create_transform
+from timm.data import Mixup, auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import InterpolationMode
 
+from launch import LaunchEnvironment
+from samplers import RASampler, ShardedEvalSampler
 from shapes import TRAIN_SPLIT, VAL_SPLIT, ensure_shapes
 
 DATA_SETS = ('CIFAR', 'CIFAR10', 'CIFAR100', 'IMNET', 'INAT', 'INAT19', 'SHAPES')
@@ -34,6 +36,7 @@ THREE_AUG_CROP_SCALE = (0.08, 1.0)
 BLUR_RADIUS_RANGE = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
 INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
+EVAL_BATCH_FACTOR = 1.5  # DeiT evaluates with 1.5x the training batch
 
 _IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -347,3 +350,49 @@ def new_data_aug_generator(args: argparse.Namespace) -> Callable:
     return transforms.Compose(primary + secondary + final)
 
 
+# ---------------------------------------------------------------------------
+# Loaders and mixup
+# ---------------------------------------------------------------------------
+
+def build_samplers(args: argparse.Namespace, dataset_train: Dataset, dataset_val: Dataset,
+                   launch: LaunchEnvironment) -> tuple[torch.utils.data.Sampler, torch.utils.data.Sampler]:
+    """DeiT's samplers: repeated augmentation (or a plain shard) and, with ``--dist-eval``, an unpadded shard of
+    the validation set per process; one process shuffles and evaluates everything."""
+    if not launch.distributed:
+        return RandomSampler(dataset_train), SequentialSampler(dataset_val)
+    world, rank = launch.world_size, launch.rank
+    if args.repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler_val = (ShardedEvalSampler(dataset_val, num_replicas=world, rank=rank) if args.dist_eval
+                   else SequentialSampler(dataset_val))
+    return sampler_train, sampler_val
+
+
+def train_drops_last(sampler: torch.utils.data.Sampler, batch_size: int) -> bool:
+    """DeiT drops the last partial batch; a data set smaller than one batch still trains on what it has."""
+    return len(sampler) >= batch_size
+
+
+def build_loaders(args: argparse.Namespace, dataset_train: Dataset, dataset_val: Dataset,
+                  launch: LaunchEnvironment) -> tuple[DataLoader, DataLoader]:
+    """The training and evaluation DataLoaders (``--data-backend pil``): DeiT's samplers, ``--num_workers``
+    workers kept between epochs, pinned memory for CUDA."""
+    sampler_train, sampler_val = build_samplers(args, dataset_train, dataset_val, launch)
+    workers = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.device(args.device).type == 'cuda',
+                   persistent_workers=args.num_workers > 0)
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                              drop_last=train_drops_last(sampler_train, args.batch_size), **workers)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
+                            drop_last=False, **workers)
+    return loader_train, loader_val
+
+
+def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
+    """DeiT's mixup/cutmix (with label smoothing folded into the soft targets), when either is on."""
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=num_classes)
+    return None

@@ -2,16 +2,19 @@
 the tests."""
 import contextlib
 import math
-from typing import Callable, Iterable, Optional
+from typing import ContextManager, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import unwrap_model
 
 import utils
 from losses import DistillationCriterion
 
 TOP_K = 5
+FUSED_OPTIMIZER_DEVICES = ('cuda', 'cpu')
+FUSED_OPTIMIZERS = ('adamw', 'adam')
 
 
 def compute_losses(
@@ -49,8 +52,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Precision:
-    """Mixed precision of the training loop: autocast in ``dtype`` around the forward (none for float32), a grad
-    scaler for float16. ``reason`` says why this dtype was chosen (printed by the benchmark)."""
+    """Mixed precision of a loop: autocast in ``dtype`` around the forward (none for float32), a grad scaler for
+    float16. ``reason`` says why this dtype was chosen (printed by the benchmark and the evaluation)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, reason: str = ''):
         self.device_type = device.type
@@ -58,6 +61,42 @@ class Precision:
         self.reason = reason
         self.enabled = dtype != torch.float32
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+
+    @classmethod
+    def for_training(cls, args, device: torch.device) -> 'Precision':
+        """The training autocast from the flags: float32 with ``--no-amp``; on CUDA bfloat16 where supported, else
+        float16 (with a grad scaler); on the CPU bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX:
+        several times the float32 matmul rate), float32 elsewhere unless ``--amp-cpu``."""
+        if not args.amp:
+            return cls(device, torch.float32, '--no-amp')
+        explicit = getattr(torch, args.amp_dtype) if args.amp_dtype != 'auto' else None
+        if device.type == 'cpu':
+            if not (cpu_has_native_bf16() or args.amp_cpu):
+                return cls(device, torch.float32, 'no native bf16 on this CPU; --amp-cpu autocasts anyway')
+            if explicit is not None:
+                return cls(device, explicit, f'--amp-dtype {args.amp_dtype}')
+            return cls(device, torch.bfloat16,
+                       '--amp-cpu' if args.amp_cpu else 'native on this CPU; --no-amp for float32')
+        if explicit is not None:
+            return cls(device, explicit, f'--amp-dtype {args.amp_dtype}')
+        if not torch.cuda.is_bf16_supported():
+            return cls(device, torch.float16, 'no bf16 on this GPU; float16 with a grad scaler')
+        return cls(device, torch.bfloat16, 'the CUDA default; --no-amp for float32')
+
+    @classmethod
+    def for_evaluation(cls, args, device: torch.device, training: 'Precision') -> 'Precision':
+        """The evaluation arithmetic from ``--eval-precision``: ``original`` (the default) is that of DeiT's
+        ``evaluate``, which the papers' numbers come from: float16 autocast on CUDA, float32 on the CPU (CUDA's
+        autocast does nothing there), whatever precision trains; ``training`` evaluates in ``training``'s
+        precision, ``float32`` without autocast."""
+        if args.eval_precision == 'training':
+            return training
+        if args.eval_precision == 'float32':
+            return cls(device, torch.float32, '--eval-precision float32')
+        if device.type == 'cuda':
+            return cls(device, torch.float16, "DeiT's evaluate; --eval-precision training for the training one")
+        return cls(device, torch.float32, "DeiT's evaluate on the CPU; --eval-precision training for the "
+                                          'training one')
 
     def describe(self) -> str:
         name = str(self.dtype).replace('torch.', '')
@@ -91,26 +130,29 @@ def train_one_epoch(
         mixup_fn=None,
         set_training_mode: bool = True,
         print_freq: int = 10,
-        should_stop: Callable[[], bool] = lambda: False,
-) -> dict[str, float]:
-    """One epoch of distillation; returns the epoch's average of every loss term and the last LR.
-
-    ``should_stop`` is polled after every step (preemption): the epoch then ends early and the caller saves.
+        stop: Optional['StopSignal'] = None,
+) -> tuple[dict[str, float], bool]:
+    """One epoch of distillation; returns the epoch's average of every loss term and the last LR, and whether it
+    ended early because a process was asked to stop (``stop``, polled after every step: preemption), in which case
+    the caller saves.
     """
+    stop = stop or StopSignal()
     model.train(set_training_mode)
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
+    stopping = 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        terms = training_step(model, teacher, criterion, optimizer, precision, samples, targets, max_norm)
-        # One host sync for all terms; a non-finite loss stops before anything is saved from this step.
-        names = list(terms)
-        values = torch.stack([terms[k].detach().float() for k in names]).tolist()
+        with stop.waiting_on_peers():
+            terms = training_step(model, teacher, criterion, optimizer, precision, samples, targets, max_norm)
+            names = list(terms)
+            *values, stopping = step_values_over_processes(terms.values(), stop.requested())
+        # A non-finite loss on any process stops every process at this step, before anything is saved from it.
         if not math.isfinite(values[names.index('loss')]):
             detail = ', '.join(f'{k}={v:.6g}' for k, v in zip(names, values))
             raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {step}: {detail}')
@@ -119,34 +161,59 @@ def train_one_epoch(
 
         metric_logger.update(**dict(zip(names, values)))
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
-        if should_stop():
+        if stopping:
             break
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, bool(stopping)
+
+
+def step_values_over_processes(terms: Iterable[torch.Tensor], stop_requested: bool) -> list[float]:
+    """Each term averaged over the processes, then the number of processes asked to stop: one all-reduce and the
+    step's one host sync (the flag is filled on the device, so no host-to-device copy either)."""
+    local = torch.stack([term.detach().float() for term in terms])
+    values = torch.cat([local, local.new_full((1,), float(stop_requested))])
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(values)
+        values[:-1] /= torch.distributed.get_world_size()
+    return values.tolist()
+
+
+class StopSignal:
+    """What ``train_one_epoch`` asks of a stop request: ``requested()`` after every step, and ``waiting_on_peers()``
+    around the step, whose collectives (DDP's gradient all-reduce, the terms' all-reduce) wait on every process.
+    This one never asks to stop; ``main.PreemptionFlag`` is set by preemption signals."""
+
+    def requested(self) -> bool:
+        return False
+
+    def waiting_on_peers(self) -> ContextManager:
+        return contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
              precision: Optional[Precision] = None, print_freq: int = 10) -> dict[str, float]:
-    """Top-1/top-5 accuracy and cross-entropy; exact under distributed evaluation (sums, then all-reduce)."""
+    """Top-1/top-5 accuracy and cross-entropy in ``precision`` (float32 without one); exact under distributed
+    evaluation (sums, then one all-reduce). The sums stay on the device until the end: no host sync and no
+    host-to-device copy per batch."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ')
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    images = 0
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
-        images = images.to(device, non_blocking=True)
+    for samples, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        samples = samples.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast:
-            output = model(images)
+            output = model(samples)
         output = output.float()
         top5 = output.topk(min(TOP_K, output.shape[1]), dim=1).indices
         hits = top5.eq(target[:, None])
-        batch = torch.stack([
-            nn.functional.cross_entropy(output, target, reduction='sum'),
-            hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(float(len(target)), device=device),
-        ]).double()
-        totals += batch
+        sums += torch.stack([nn.functional.cross_entropy(output, target, reduction='sum'),
+                             hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+        images += len(target)
+    totals = torch.cat([sums, sums.new_tensor([images])])
     if utils.is_dist_avail_and_initialized():
         torch.distributed.all_reduce(totals)
     loss_sum, top1, top5, count = totals.tolist()
@@ -154,6 +221,12 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count}
     print('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
     return stats
+
+
+def build_optimizer(args, model: nn.Module, device: torch.device, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory with DeiT's flags; Adam(W) on CUDA and the CPU as one fused kernel."""
+    fused = device.type in FUSED_OPTIMIZER_DEVICES and args.opt.lower() in FUSED_OPTIMIZERS
+    return create_optimizer_v2(model, **{**optimizer_kwargs(args), 'lr': lr}, **({'fused': True} if fused else {}))
 
 
 def training_step(model, teacher, criterion, optimizer, precision: Precision, samples, targets,

@@ -71,14 +71,19 @@ def slurm_master_port(job_id: str) -> int:
 
 
 def slurm_rendezvous(env: Mapping[str, str], dist_port: Optional[int]) -> tuple[str, str]:
-    """``(MASTER_ADDR, MASTER_PORT)`` for a task started by ``srun``: the environment's, else derived."""
-    addr = env.get('MASTER_ADDR') or env.get('SLURM_LAUNCH_NODE_IPADDR')
+    """``(MASTER_ADDR, MASTER_PORT)`` for a task started by ``srun``: the environment's, else derived.
+
+    The host is the first of the step's nodes, where task 0 runs. ``SLURM_LAUNCH_NODE_IPADDR`` (where ``srun`` was
+    typed) is the last resort: under ``salloc`` + ``srun`` from a login node it names the login node, which runs no
+    task."""
+    addr = env.get('MASTER_ADDR')
     if not addr:
-        hosts = parse_slurm_nodelist(env.get('SLURM_NODELIST') or env.get('SLURM_JOB_NODELIST') or '')
-        if not hosts:
-            raise UserError('cannot find the master node under SLURM: set MASTER_ADDR '
-                            '(SLURM_LAUNCH_NODE_IPADDR, SLURM_NODELIST and SLURM_JOB_NODELIST are empty)')
-        addr = hosts[0]
+        hosts = parse_slurm_nodelist(env.get('SLURM_STEP_NODELIST') or env.get('SLURM_NODELIST')
+                                     or env.get('SLURM_JOB_NODELIST') or '')
+        addr = hosts[0] if hosts else env.get('SLURM_LAUNCH_NODE_IPADDR')
+        if not addr:
+            raise UserError('cannot find the master node under SLURM: set MASTER_ADDR (SLURM_STEP_NODELIST, '
+                            'SLURM_NODELIST, SLURM_JOB_NODELIST and SLURM_LAUNCH_NODE_IPADDR are empty)')
     port = env.get('MASTER_PORT') or (str(dist_port) if dist_port is not None else None)
     if not port:
         if not env.get('SLURM_JOB_ID'):

@@ -4,41 +4,42 @@ Parses the command line (every flag of DeiT's main.py and of both papers' parser
 work starts) and wires the data, models, criterion and loops together; the loops live in engine.py.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-from timm.data import Mixup, create_transform
+from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
-from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
+from timm.optim import get_optimizer_info
 from timm.scheduler import create_scheduler, create_scheduler_v2
 from timm.utils import ModelEmaV2, random_seed
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+import benchmark
 import checkpoints
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
-from engine import NonFiniteLossError, Precision, cpu_has_native_bf16, evaluate, train_one_epoch
+from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset, build_loaders, build_mixup
+from engine import NonFiniteLossError, Precision, StopSignal, build_optimizer, evaluate, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
-from models import (FrozenCompiledTeacher, check_timm_weights, check_token_shapes, create_student, create_teacher,
-                    no_token_capture, random_teacher, store_matmul_weights_in, timm_weights_overlay, token_width)
-from samplers import RASampler, ShardedEvalSampler
+from models import (check_timm_weights, check_token_shapes, compile_models, create_student, load_teacher,
+                    no_token_capture, timm_weights_overlay, token_width)
 from utils import UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
-EVAL_BATCH_FACTOR = 1.5  # DeiT evaluates with 1.5x the training batch
-FUSED_OPTIMIZER_DEVICES = ('cuda', 'cpu')
-FUSED_OPTIMIZERS = ('adamw', 'adam')
 LOOKAHEAD_PREFIX = 'lookahead_'  # timm's optimizer factory wraps 'lookahead_<name>' in Lookahead
 NO_AUGMENTATION = ('', 'none')
+# --eval-precision: DeiT's evaluate (float16 autocast on CUDA, float32 on the CPU), the training precision, float32.
+EVAL_PRECISIONS = ('original', 'training', 'float32')
 RANDOM_ERASING_MODES = ('const', 'rand', 'pixel')  # timm's RandomErasing
 MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
@@ -48,6 +49,11 @@ EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_PEER_FAILURE = 4
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, the job should be run again
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# torchrun and Slurm send SIGKILL 30 s after SIGTERM; a process still waiting on its peers this long after the signal
+# (and after it began to wait) is blocked by a dead or hung peer, and says so before it is killed.
+PEER_WAIT_AFTER_SIGNAL_S = 20
+PEER_WAIT_POLL_S = 0.5
 # gloo reports a dead peer inside DDP's backward as a plain RuntimeError (no DistError), recognisable only by its
 # transport's words; NCCL and the c10d store raise DistError subclasses.
 GLOO_PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Timed out')
@@ -266,6 +272,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT, metavar='N')
     group.add_argument('--eval', action='store_true', help='evaluate only')
     group.add_argument('--eval-crop-ratio', default=0.875, type=FRACTION)
+    group.add_argument('--eval-precision', default='original', choices=EVAL_PRECISIONS,
+                       help="evaluation arithmetic: original (DeiT's: float16 autocast on CUDA, float32 on the CPU, "
+                            'whatever trains), training (the training precision) or float32')
     group.add_argument('--dist-eval', action=argparse.BooleanOptionalAction, default=True,
                        help='each process evaluates its share of the images (off: every process all of them)')
     group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
@@ -283,6 +292,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Benchmark')
     group.add_argument('--benchmark', action='store_true',
                        help='time the training step on synthetic batches and print images/s, memory and MFU')
+    group.add_argument('--papers', action='store_true',
+                       help="with --benchmark: the papers' three configurations, eager and compiled, as one table "
+                            '(takes only run flags: device, precision, steps, data)')
     group.add_argument('--benchmark-steps', default=10, type=POSITIVE_INT, help='timed steps')
     group.add_argument('--benchmark-warmup', default=3, type=NON_NEGATIVE_INT, help='untimed steps first')
     group.add_argument('--peak-tflops', default=None, type=POSITIVE,
@@ -310,9 +322,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError('--s-id and --t-id must be given together')
         if len(args.s_id) != len(args.t_id):
             raise UserError(f'--s-id has {len(args.s_id)} blocks but --t-id has {len(args.t_id)}: they are paired')
-    launched = launch_environment().world_size
-    if args.world_size is not None and args.world_size != launched:
-        raise UserError(f'--world_size {args.world_size}: the launcher started {launched} processes')
+    launched = launch_environment()
+    if args.world_size is not None and args.world_size != launched.world_size:
+        raise UserError(f'--world_size {args.world_size}: the launcher started {launched.world_size} processes')
+    if args.papers and not args.benchmark:
+        raise UserError('--papers is a mode of --benchmark: add --benchmark')
+    if args.benchmark and launched.distributed:
+        raise UserError(f'--benchmark times the step of one process, on one device: run it without {launched.launcher} '
+                        '(a GPU of your choice with --device cuda:N)')
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device {args.device}: CUDA is not available on this machine (use --device cpu)')
     trains_with_teacher = not args.eval and args.distillation_type != 'none'
@@ -351,97 +368,9 @@ def check_args(args: argparse.Namespace) -> None:
 # Builders: each returns what it makes, from the flags and the values it is given
 # ---------------------------------------------------------------------------------------------
 
-def amp_dtype(args, device: torch.device) -> tuple[torch.dtype, str]:
-    """The autocast dtype of training and why: float32 when AMP is off; on CUDA bfloat16 where supported, else
-    float16 (with a grad scaler); on the CPU bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX:
-    several times the float32 matmul rate), float32 elsewhere unless ``--amp-cpu``."""
-    if not args.amp:
-        return torch.float32, '--no-amp'
-    explicit = getattr(torch, args.amp_dtype) if args.amp_dtype != 'auto' else None
-    if device.type == 'cpu':
-        if not (cpu_has_native_bf16() or args.amp_cpu):
-            return torch.float32, 'no native bf16 on this CPU; --amp-cpu autocasts anyway'
-        if explicit is not None:
-            return explicit, f'--amp-dtype {args.amp_dtype}'
-        return torch.bfloat16, '--amp-cpu' if args.amp_cpu else 'native on this CPU; --no-amp for float32'
-    if explicit is not None:
-        return explicit, f'--amp-dtype {args.amp_dtype}'
-    if not torch.cuda.is_bf16_supported():
-        return torch.float16, 'no bf16 on this GPU; float16 with a grad scaler'
-    return torch.bfloat16, 'the CUDA default; --no-amp for float32'
-
-
-def build_precision(args, device: torch.device) -> Precision:
-    return Precision(device, *amp_dtype(args, device))
-
-
 def scaled_lr(args, world_size: int) -> float:
     """DeiT's linear scaling of ``--lr`` with the global batch (``--unscale-lr`` keeps it as given)."""
     return args.lr if args.unscale_lr else args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-
-
-def build_optimizer(args, model: torch.nn.Module, device: torch.device, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer factory with DeiT's flags; Adam(W) on CUDA and the CPU as one fused kernel."""
-    fused = device.type in FUSED_OPTIMIZER_DEVICES and args.opt.lower() in FUSED_OPTIMIZERS
-    return create_optimizer_v2(model, **{**optimizer_kwargs(args), 'lr': lr}, **({'fused': True} if fused else {}))
-
-
-def build_mixup(args, num_classes: int) -> Optional[Mixup]:
-    """DeiT's mixup/cutmix (with label smoothing folded into the soft targets), when either is on."""
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                     label_smoothing=args.smoothing, num_classes=num_classes)
-    return None
-
-
-def build_loaders(args, dataset_train, dataset_val, launch: LaunchEnvironment) -> tuple[DataLoader, DataLoader]:
-    if launch.distributed:
-        world, rank = launch.world_size, launch.rank
-        if args.repeated_aug:
-            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-        else:
-            sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
-                                               seed=args.seed)
-        sampler_val = (ShardedEvalSampler(dataset_val, num_replicas=world, rank=rank) if args.dist_eval
-                       else SequentialSampler(dataset_val))
-    else:
-        sampler_train = RandomSampler(dataset_train)
-        sampler_val = SequentialSampler(dataset_val)
-    workers = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.device(args.device).type == 'cuda',
-                   persistent_workers=args.num_workers > 0)
-    # DeiT drops the last partial batch; a dataset smaller than one batch still trains on what it has.
-    drop_last = len(sampler_train) >= args.batch_size
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                              drop_last=drop_last, **workers)
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
-                            drop_last=False, **workers)
-    return loader_train, loader_val
-
-
-def build_teacher(args, num_classes: int, device: torch.device, precision: Precision) -> Optional[torch.nn.Module]:
-    """The frozen teacher on ``device`` (None without distillation), its matmul weights stored in the autocast
-    dtype. Without ``--teacher-path`` (allowed for ``--benchmark`` only) its weights stay random: speed does not
-    depend on them."""
-    if args.distillation_type == 'none':
-        return None
-    print(f'Creating teacher model: {args.teacher_model}')
-    if args.teacher_path:
-        teacher = create_teacher(args, num_classes)
-    else:
-        print('No --teacher-path: the teacher keeps random weights (for the benchmark)')
-        teacher = random_teacher(args, num_classes)
-    teacher.to(device)
-    if precision.enabled:
-        store_matmul_weights_in(teacher, precision.dtype)
-    return teacher
-
-
-def compile_models(model: torch.nn.Module, teacher: Optional[torch.nn.Module], criterion: torch.nn.Module) -> tuple:
-    """``torch.compile`` the student (token hooks traced with it), the teacher with its weights frozen, and the
-    criterion (the loss terms' normalisations and copies fused)."""
-    return (torch.compile(model), FrozenCompiledTeacher(teacher) if teacher is not None else None,
-            torch.compile(criterion))
 
 
 def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
@@ -451,28 +380,86 @@ def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
         print('Note: --distributed, but no launcher environment (RANK/WORLD_SIZE or SLURM_PROCID): one process')
     if launch.launcher == 'slurm':
         os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = slurm_rendezvous(os.environ, args.dist_port)
-    device = torch.device(args.device)
-    if device.type == 'cuda' and launch.distributed:
-        device = torch.device('cuda', launch.local_rank)
+    device = process_device(args.device, launch)
     utils.init_distributed_mode(launch, device, args.dist_url, args.dist_timeout)
     return launch, device
 
 
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (cluster preemption): the loop finishes its step, saves and exits to be requeued."""
+def process_device(name: str, launch: LaunchEnvironment) -> torch.device:
+    """This process's device, made the current one on CUDA (so that memory statistics, the pinning thread and
+    NCCL use it): ``--device`` for one process, the ``cuda:<local rank>`` GPU for each process of a launch, taken
+    modulo the GPUs this process sees (one, where the cluster binds a GPU to each task)."""
+    device = torch.device(name)
+    if device.type != 'cuda':
+        return device
+    if launch.distributed:
+        device = torch.device('cuda', launch.local_rank % torch.cuda.device_count())
+    elif device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
 
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+
+class PreemptionFlag(StopSignal):
+    """Set by SIGTERM / SIGUSR1 (cluster preemption; torchrun and Slurm stopping a job): every process finishes the
+    same step (they agree in the step's all-reduce), rank 0 saves and all exit to be requeued.
+
+    A process blocked in a collective of the step cannot run a Python signal handler: a peer has died or hangs, and
+    torchrun (or ``srun --kill-on-bad-exit``) is now stopping the survivors with SIGTERM, followed by SIGKILL 30 s
+    later. Launched as several processes, a watcher thread learns of the signal through the interpreter's wakeup fd;
+    if this process is still waiting on its peers ``PEER_WAIT_AFTER_SIGNAL_S`` after both the signal and the start
+    of that wait, it writes one line and exits with ``EXIT_PEER_FAILURE`` instead of waiting to be killed.
+    """
+
+    def __init__(self, distributed: bool):
+        self.signal: Optional[int] = None
+        self.signal_time = 0.0
+        self.waiting_since: Optional[float] = None
+        self._lock = threading.Lock()
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
+        if distributed:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            self._wakeup = (reader, writer)  # kept open for the life of the process
+            threading.Thread(target=self._watch, args=(reader,), name='preemption-watch', daemon=True).start()
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        sys.stderr.write(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step\n')
+        self._record(signum)
 
-    def __call__(self) -> bool:
-        # Every rank must stop at the same step, or the others would wait in the next all-reduce.
-        return utils.any_rank(self.signal is not None)
+    def _record(self, signum: int) -> None:
+        with self._lock:
+            if self.signal is None:
+                self.signal, self.signal_time = signum, time.monotonic()
+                sys.stderr.write(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step\n')
+
+    def _watch(self, reader: socket.socket) -> None:
+        while self.signal is None:
+            # The wakeup fd carries the number of every signal with a Python handler (SIGINT too).
+            signum = reader.recv(1)[0]
+            if signum in PREEMPTION_SIGNALS:
+                self._record(signum)
+        while True:
+            time.sleep(PEER_WAIT_POLL_S)
+            since = self.waiting_since
+            if since is not None and time.monotonic() - max(since, self.signal_time) > PEER_WAIT_AFTER_SIGNAL_S:
+                sys.stderr.write(f'error: rank {utils.get_rank()}: received {signal.Signals(self.signal).name} while '
+                                 f'waiting on the other processes for {PEER_WAIT_AFTER_SIGNAL_S} s: one of them died '
+                                 'or hangs; exiting without a checkpoint (the last saved one is kept)\n')
+                sys.stderr.flush()
+                os._exit(EXIT_PEER_FAILURE)
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def waiting_on_peers(self) -> Iterator[None]:
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
 
 
 def make_tensorboard_writer(args):
@@ -494,8 +481,9 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     if device.type == 'cpu':
         utils.retain_freed_memory()
     if args.benchmark:
-        import benchmark  # the benchmark builds on this module's builders
-        benchmark.run(args)
+        if args.papers:
+            return benchmark.run_papers(args, command_line_parser(), check_args)
+        benchmark.run(args, device)
         return 0
     # Made first so that a missing optional dependency stops the run before data and models are built.
     writer = None if args.eval else make_tensorboard_writer(args)
@@ -510,8 +498,12 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, launch)
     mixup_fn = build_mixup(args, num_classes)
 
-    precision = build_precision(args, device)
-    teacher = None if args.eval else build_teacher(args, num_classes, device, precision)
+    precision = Precision.for_training(args, device)
+    eval_precision = Precision.for_evaluation(args, device, precision)
+    if not args.eval:
+        print(f'Training precision: {precision.describe()}')
+    print(f'Evaluation precision: {eval_precision.describe()}')
+    teacher = None if args.eval else load_teacher(args, num_classes, device, precision.dtype)
     print(f'Creating model: {args.model}')
     model = create_student(args, teacher, num_classes)
     if args.finetune:
@@ -554,7 +546,7 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
 
     def run_evaluation() -> dict[str, float]:
         with no_token_capture(model_without_ddp):
-            stats = evaluate(loader_val, model, device, precision, args.print_freq)
+            stats = evaluate(loader_val, model, device, eval_precision, args.print_freq)
         print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
         return stats
 
@@ -566,20 +558,20 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         checkpoints.save_on_master(checkpoints.training_state(
             model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision.scaler, args, max_accuracy), path)
 
-    preempted = PreemptionFlag()
+    preempted = PreemptionFlag(launch.distributed)
     last_checkpoint = output_dir / checkpoints.CHECKPOINT_NAME if output_dir else None
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         if hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
+        train_stats, stopped = train_one_epoch(
             model, teacher, criterion, loader_train, optimizer, device, epoch, precision,
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             set_training_mode=args.train_mode and not args.finetune, print_freq=args.print_freq,
-            should_stop=preempted,
+            stop=preempted,
         )
-        if preempted():
+        if stopped:
             # The interrupted epoch is repeated on restart; its partial progress is kept in the weights.
             if last_checkpoint:
                 save(epoch - 1, last_checkpoint)
@@ -618,9 +610,14 @@ def is_peer_failure(err: RuntimeError) -> bool:
     return isinstance(err, torch.distributed.DistError) or any(words in str(err) for words in GLOO_PEER_FAILURES)
 
 
+def command_line_parser() -> OneLineArgumentParser:
+    return OneLineArgumentParser('[CLS]-KD / Manifold Distillation', parents=[get_args_parser()])
+
+
 def run(argv=None) -> int:
-    """Command-line entry: user errors end with one line and exit code 2, no traceback."""
-    parser = OneLineArgumentParser('[CLS]-KD / Manifold Distillation', parents=[get_args_parser()])
+    """Command-line entry: user errors end with one line and exit code 2, no traceback; the process group is left
+    on every exit."""
+    parser = command_line_parser()
     timeout = None
     try:
         args = parser.parse_args(argv)
@@ -628,9 +625,7 @@ def run(argv=None) -> int:
         check_args(args)
         launch, device = join_launch(args)
         print(args)
-        code = main(args, launch, device)
-        utils.leave_distributed()
-        return code
+        return main(args, launch, device)
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         sys.stderr.write(f'error: {err}\n')
         return EXIT_USER_ERROR
@@ -644,6 +639,10 @@ def run(argv=None) -> int:
         sys.stderr.write(f'error: rank {utils.get_rank()}: another process died or did not answer within '
                          f'--dist-timeout {timeout:g} min ({reason}); exiting\n')
         return EXIT_PEER_FAILURE
+    finally:
+        # On every exit, so that NCCL does not warn of a process group left behind (and gloo's threads do not
+        # abort a finished process).
+        utils.leave_distributed()
 
 
 if __name__ == '__main__':

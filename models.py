@@ -1,5 +1,7 @@
 """Student and teacher models (timm), token capture with forward hooks, and the [CLS]-KD projector."""
 import contextlib
+import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -10,6 +12,9 @@ from timm.data import resolve_model_data_config
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 from timm.models import PretrainedCfg, get_pretrained_cfg, resolve_pretrained_cfg, split_model_name_tag
+from huggingface_hub import try_to_load_from_cache
+from timm.models._builder import _resolve_pretrained_source
+from timm.models._hub import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, hf_split
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 import checkpoints
@@ -24,6 +29,8 @@ TIMM_WEIGHTS = 'timm'
 HF_HUB_PREFIX = 'hf-hub:'
 # Where the ViT family keeps its patch embedding (patch_size, grid_size): ViT, DeiT, CaiT, EVA, ...; TNT.
 PATCH_EMBEDDINGS = ('patch_embed', 'pixel_embed')
+# The files timm reads from a hub repository without a filename override, in its order.
+HF_WEIGHT_FILES = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
 
 
 def block_tokens(output) -> torch.Tensor:
@@ -300,9 +307,28 @@ def pretrained_teacher(model_name: str, teacher_path: str, num_classes: int, inp
     if cfg.fixed_input_size and tuple(cfg.input_size[1:]) != (input_size, input_size):
         print(f'Note: the weights of --teacher-model {model_name} are for {cfg.input_size[1]} px; timm resamples '
               f'its position embedding to --input-size {input_size}')
-    with checkpoints.pretrained_weight_errors(teacher_path, f'--teacher-model {model_name}'):
+    try:
         return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=timm_weights_overlay(teacher_path),
                                  num_classes=num_classes, **teacher_size_kwargs(model_name, input_size))
+    except Exception as err:  # noqa: BLE001 - told apart by type and by reading the weights file
+        raise checkpoints.pretrained_weights_error(err, teacher_path, f'--teacher-model {model_name}',
+                                                   timm_weights_file(cfg)) from None
+
+
+def timm_weights_file(cfg: PretrainedCfg) -> Optional[str]:
+    """Where timm keeps the weights of ``cfg`` on this machine: the overlay's file, the Hugging Face cache's copy or
+    torch hub's download of the tag's URL; None when they are not here (yet)."""
+    load_from, location = _resolve_pretrained_source(cfg.to_dict())
+    if load_from in ('file', 'local-dir'):
+        return location
+    if load_from == 'hf-hub':
+        repo, filenames = (location[0], [location[1]]) if isinstance(location, tuple) else (location, HF_WEIGHT_FILES)
+        repo_id, revision = hf_split(repo)
+        cached = (try_to_load_from_cache(repo_id, name, revision=revision) for name in filenames)
+        return next((path for path in cached if isinstance(path, str)), None)
+    if load_from == 'url':
+        return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(location).path))
+    return None
 
 
 def create_teacher(args, num_classes: Optional[int] = None) -> Teacher:
@@ -423,3 +449,28 @@ def check_token_shapes(args, num_classes: int) -> None:
         raise UserError(f'--model {args.model} has {layout_s.tokens} tokens per block ({layout_s}), --teacher-model '
                         f'{args.teacher_model} {layout_t.tokens} ({layout_t}): '
                         f'{" and ".join(layout_differences(layout_s, layout_t))} differ; {"; ".join(needs)}')
+
+
+def load_teacher(args, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[Teacher]:
+    """The frozen teacher on ``device`` (None without distillation), its matmul weights stored in the autocast
+    ``dtype``. Without ``--teacher-path`` (allowed for ``--benchmark`` only) its weights stay random: speed does not
+    depend on them."""
+    if args.distillation_type == 'none':
+        return None
+    print(f'Creating teacher model: {args.teacher_model}')
+    if args.teacher_path:
+        teacher = create_teacher(args, num_classes)
+    else:
+        print('No --teacher-path: the teacher keeps random weights (for the benchmark)')
+        teacher = random_teacher(args, num_classes)
+    teacher.to(device)
+    if dtype != torch.float32:
+        store_matmul_weights_in(teacher, dtype)
+    return teacher
+
+
+def compile_models(model: nn.Module, teacher: Optional[nn.Module], criterion: nn.Module) -> tuple:
+    """``torch.compile`` the student (token hooks traced with it), the teacher with its weights frozen, and the
+    criterion (the loss terms' normalisations and copies fused)."""
+    return (torch.compile(model), FrozenCompiledTeacher(teacher) if teacher is not None else None,
+            torch.compile(criterion))

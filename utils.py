@@ -69,25 +69,15 @@ def collective_device() -> torch.device:
     return torch.device('cpu')
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (identity when not distributed)."""
-    if get_world_size() == 1:
-        return bool(flag)
-    t = torch.tensor(float(flag), device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def init_distributed_mode(launch, device: torch.device, dist_url: str, timeout_minutes: float) -> None:
-    """Join the process group described by ``launch`` (a ``launch.LaunchEnvironment``): NCCL on CUDA, gloo on the
-    CPU; non-master ranks stop printing. A no-op for one process."""
+    """Join the process group described by ``launch`` (a ``launch.LaunchEnvironment``): NCCL on CUDA (``device``
+    already the current one), gloo on the CPU; non-master ranks stop printing. A no-op for one process."""
     if not launch.distributed:
         print('Not using distributed mode')
         return
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
     init_kwargs: Dict[str, Any] = {}
     if backend == 'nccl':
-        torch.cuda.set_device(device)
         # Binding the device up front lets NCCL initialise eagerly on the right GPU.
         init_kwargs['device_id'] = device
     print(f'| distributed init (rank {launch.rank}): {dist_url}, backend {backend}', flush=True)

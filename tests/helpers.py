@@ -15,6 +15,7 @@ import torch
 
 import engine
 import main
+import models
 import shapes
 from losses import build_criterion
 from models import create_student, random_teacher
@@ -182,7 +183,7 @@ def check_compiled_matches_eager(device: torch.device, rel: float, rtol: float, 
         return {name: value.item() for name, value in terms.items()}, gradients
 
     eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
-    compiled_models = main.compile_models(student, teacher, criterion)
+    compiled_models = models.compile_models(student, teacher, criterion)
     # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
     with torch._inductor.config.patch(fallback_random=True):
         compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)

@@ -27,6 +27,8 @@ from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, assert_ranks_in_sync, ass
                      check_compiled_matches_eager, free_port, keep_signal_handlers, launch, make_shapes, rank_states,
                      run_main, save_teacher, torchrun)
 from launch import LaunchEnvironment
+from test_golden import CASES as GOLDEN_CASES, TERM_RTOL as GOLDEN_TERM_RTOL
+from test_golden import build_case as build_golden_case, seeded_batch as golden_batch
 from losses import build_criterion
 from shapes import make_shapes_dataset
 
@@ -98,7 +100,7 @@ def mixed_batch(args, device: torch.device, batch_size: int) -> tuple[torch.Tens
     torch.manual_seed(0)
     samples = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
-    return main.build_mixup(args, NUM_CLASSES)(samples, targets)
+    return datasets.build_mixup(args, NUM_CLASSES)(samples, targets)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -133,7 +135,7 @@ def test_mixed_precision_terms_match_float32(configuration, amp_dtype, device):
     samples, targets = mixed_batch(args, device, MIXED_PRECISION_BATCH)
     terms = {}
     for flags in (['--no-amp'], ['--amp-dtype', amp_dtype]):
-        precision = main.build_precision(paper_args(configuration, device, *flags), device)
+        precision = engine.Precision.for_training(paper_args(configuration, device, *flags), device)
         torch.manual_seed(RANDOM_TOKENS_SEED)
         with precision.autocast():
             losses = engine.compute_losses(student, teacher, criterion, samples, targets)
@@ -153,12 +155,12 @@ def test_float16_scaler_trains_and_skips_a_step_with_an_infinite_gradient(device
     """--amp-dtype float16 (the Manifold original's precision): the grad scaler is on, steps update the weights, and
     a step whose gradient holds an inf leaves weights and optimizer state alone and lowers the scale."""
     args = paper_args(MANIFOLD, device, '--batch-size', str(MIXED_PRECISION_BATCH), '--amp-dtype', 'float16')
-    precision = main.build_precision(args, device)
+    precision = engine.Precision.for_training(args, device)
     assert precision.dtype == torch.float16 and precision.scaler.is_enabled()
     teacher = paper_teacher(MANIFOLD, device)
     student = fresh_student(args, teacher, device)
     criterion = build_criterion(args)
-    optimizer = main.build_optimizer(args, student, device, args.lr)
+    optimizer = engine.build_optimizer(args, student, device, args.lr)
     samples, targets = mixed_batch(args, device, MIXED_PRECISION_BATCH)
 
     def step() -> tuple[dict, float, dict]:
@@ -194,7 +196,7 @@ def test_fused_adamw_gives_the_unfused_update(device):
     torch.manual_seed(0)
     model = timm.create_model('deit_tiny_patch16_224', img_size=SMALL_IMAGE_SIZE).to(device)
     reference = copy.deepcopy(model)
-    fused = main.build_optimizer(args, model, device, args.lr)
+    fused = engine.build_optimizer(args, model, device, args.lr)
     unfused = create_optimizer_v2(reference, **{**optimizer_kwargs(args), 'lr': args.lr}, foreach=False, fused=False)
     assert fused.defaults['fused'] and not unfused.defaults['fused']
     start = weights(model)
@@ -292,19 +294,51 @@ def eval_case(tmp_path_factory) -> EvalCase:
 
 
 def test_eval_resume_prints_the_cpu_accuracies(eval_case, device):
-    """``--eval --resume`` on the GPU, in float32 and in bf16 autocast (CUDA's default), prints the Acc@1 and Acc@5
-    the same checkpoint gets on the CPU for the same images."""
+    """``--eval --resume`` on the GPU, in DeiT's float16 autocast (the default), in float32 and in the training
+    precision (bf16), prints the Acc@1 and Acc@5 the same checkpoint gets on the CPU for the same images."""
     argv = ['--eval', '--resume', str(eval_case.checkpoint), '--model', 'deit_tiny_patch16_224', '--data-set',
             'SHAPES', '--data-path', str(eval_case.data), '--batch-size', '4', '--input-size', str(SMALL_IMAGE_SIZE),
             '--num_workers', '0']
     printed = {}
-    for name, flags in (('cpu', ['--device', 'cpu', '--no-amp']), ('fp32', ['--device', device.type, '--no-amp']),
-                        ('default', ['--device', device.type])):
+    for name, flags in (('cpu', ['--device', 'cpu']), ('original', ['--device', device.type]),
+                        ('fp32', ['--device', device.type, '--eval-precision', 'float32']),
+                        ('training', ['--device', device.type, '--eval-precision', 'training'])):
         result = run_main([*argv, *flags])
         assert result.returncode == 0, result.stderr[-3000:]
         printed[name] = tuple(map(float, ACCURACY_LINE.search(result.stdout).groups()))
     assert {name: values[:2] for name, values in printed.items()} == dict.fromkeys(printed, eval_case.accuracies)
     assert printed['fp32'][2] == pytest.approx(printed['cpu'][2], abs=LOSS_PRINT_TOLERANCE)
+
+
+@pytest.mark.parametrize('flags, dtype', [([], torch.float16), (['--no-amp'], torch.float16),
+                                          (['--eval-precision', 'training'], torch.bfloat16),
+                                          (['--eval-precision', 'float32'], torch.float32)])
+def test_evaluation_on_cuda_is_deits_float16_autocast_by_default(flags, dtype, device):
+    """DeiT's ``evaluate`` runs the model under CUDA's float16 autocast whatever trains: so does the default here."""
+    args = main.get_args_parser().parse_args(flags)
+    training = engine.Precision.for_training(args, device)
+    evaluation = engine.Precision.for_evaluation(args, device, training)
+    model = timm.create_model('deit_tiny_patch16_224', num_classes=EVAL_CLASSES, img_size=SMALL_IMAGE_SIZE).to(device)
+    seen = []
+    model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    batch = [(torch.randn(4, 3, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE), torch.randint(0, EVAL_CLASSES, (4,)))]
+    stats = engine.evaluate(batch, model, device, evaluation)
+    assert seen == [dtype] and math.isfinite(stats['loss'])
+
+
+def test_loss_terms_with_tf32_stay_within_the_golden_tolerance(device, tmp_path, monkeypatch):
+    """Whether the loss's products may use TF32 on CUDA (they do not: full float32): every golden term with TF32
+    matmuls against the original code's values, at the golden tests' tolerance. Passing here is what would allow
+    switching TF32 on for the loss."""
+    case, reference = GOLDEN_CASES['clskd_tiny_base']['case'], GOLDEN_CASES['clskd_tiny_base']['reference']
+    args, student, teacher = build_golden_case(case, tmp_path)
+    samples, targets = golden_batch(case['batch'], case['seed_batch'])
+    student, teacher = student.to(device), teacher.to(device)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    terms = engine.compute_losses(student, teacher, build_criterion(args), samples.to(device), targets.to(device))
+    for key, value in reference.items():
+        if key != 'grad_norm':
+            assert terms[key].item() == pytest.approx(value, rel=GOLDEN_TERM_RTOL, abs=1e-12), key
 
 
 @pytest.mark.usefixtures('keep_signal_handlers')
@@ -334,7 +368,7 @@ def test_pinned_loader_with_workers_feeds_a_step(device, small_data):
                                               str(LOADER_WORKERS)])
     dataset_train, num_classes = datasets.build_dataset(is_train=True, args=args)
     dataset_val, _ = datasets.build_dataset(is_train=False, args=args)
-    loader, _ = main.build_loaders(args, dataset_train, dataset_val, LaunchEnvironment())
+    loader, _ = datasets.build_loaders(args, dataset_train, dataset_val, LaunchEnvironment())
     pinned = device.type == 'cuda'
     assert loader.num_workers == LOADER_WORKERS and loader.pin_memory == pinned
     assert next(iter(loader))[0].is_pinned() == pinned
@@ -342,8 +376,8 @@ def test_pinned_loader_with_workers_feeds_a_step(device, small_data):
     teacher = models.random_teacher(args, num_classes).to(device)
     student = models.create_student(args, teacher, num_classes).to(device)
     stats = engine.train_one_epoch(student, teacher, build_criterion(args), loader,
-                                   main.build_optimizer(args, student, device, args.lr), device, 0,
-                                   main.build_precision(args, device), mixup_fn=main.build_mixup(args, num_classes))
+                                   engine.build_optimizer(args, student, device, args.lr), device, 0,
+                                   engine.Precision.for_training(args, device), mixup_fn=datasets.build_mixup(args, num_classes))
     assert math.isfinite(stats['loss'])
 
 
@@ -355,8 +389,8 @@ def test_a_paper_step_fits_an_80_gb_gpu(configuration, device):
     teacher = paper_teacher(configuration, device)
     student = fresh_student(args, teacher, device)
     criterion = build_criterion(args)
-    optimizer = main.build_optimizer(args, student, device, args.lr)
-    precision = main.build_precision(args, device)
+    optimizer = engine.build_optimizer(args, student, device, args.lr)
+    precision = engine.Precision.for_training(args, device)
     samples, targets = mixed_batch(args, device, configuration.batch_size)
     engine.training_step(student, teacher, criterion, optimizer, precision, samples, targets)  # optimizer state
     torch.cuda.synchronize(device)

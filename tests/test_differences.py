@@ -146,4 +146,31 @@ def test_precision_flags_on_cuda(flags, expected, monkeypatch):
     Manifold original's fp16 autocast (with a grad scaler)."""
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     args = main.get_args_parser().parse_args(flags)
-    assert main.amp_dtype(args, torch.device('cuda'))[0] == expected
+    assert engine.Precision.for_training(args, torch.device('cuda')).dtype == expected
+
+
+@pytest.mark.parametrize('flags', [[], ['--amp-cpu'], ['--no-amp'], ['--amp-dtype', 'float16', '--amp-cpu']])
+def test_evaluation_on_the_cpu_is_float32_whatever_trains(flags):
+    """DeiT's ``evaluate`` autocasts with CUDA's autocast, which does nothing on the CPU: evaluation there is float32
+    whatever precision trains, unless ``--eval-precision training`` asks for the training one."""
+    cpu = torch.device('cpu')
+    args = main.get_args_parser().parse_args(flags)
+    training = engine.Precision.for_training(args, cpu)
+    assert engine.Precision.for_evaluation(args, cpu, training).dtype == torch.float32
+    args = main.get_args_parser().parse_args([*flags, '--eval-precision', 'training'])
+    assert engine.Precision.for_evaluation(args, cpu, training) is training
+
+
+def test_bf16_training_precision_leaves_evaluation_exact():
+    """Evaluated in the default precision, a model gives exactly the float32 numbers, where bf16 autocast moves
+    the loss."""
+    torch.manual_seed(0)
+    model = timm.create_model('deit_tiny_patch16_224', num_classes=10, img_size=32)
+    loader = DataLoader(TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=5)
+    cpu = torch.device('cpu')
+    args = main.get_args_parser().parse_args(['--amp-cpu'])
+    training = engine.Precision.for_training(args, cpu)
+    assert training.dtype == torch.bfloat16
+    exact = engine.evaluate(loader, model, cpu)
+    assert engine.evaluate(loader, model, cpu, engine.Precision.for_evaluation(args, cpu, training)) == exact
+    assert engine.evaluate(loader, model, cpu, training)['loss'] != exact['loss']

@@ -105,3 +105,35 @@ def test_dead_rank_does_not_hang_the_survivor(shapes, tmp_path):
     assert ranks[0].returncode == main.EXIT_PEER_FAILURE, rest[-3000:]
     assert time.monotonic() - started < START_TIMEOUT_S
     assert 'another process died or did not answer' in rest and 'Traceback' not in rest
+
+
+def test_a_rank_blocked_by_a_hung_peer_exits_after_a_stop_signal(shapes, tmp_path):
+    """What torchrun does when a worker dies, as NCCL sees it: the survivor is blocked in a collective (here its
+    peer is stopped, so gloo sees no broken connection either) and receives SIGTERM. No Python handler can run while
+    it waits; the watcher thread ends it with one line and exit 4 well before torchrun's SIGKILL."""
+    port = free_port()
+    wait_s = 2
+    argv = TINY + ['--data-path', str(shapes), '--epochs', '50', '--distributed']
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
+           'OMP_NUM_THREADS': '1'}
+    code = f'import sys, main; main.PEER_WAIT_AFTER_SIGNAL_S = {wait_s}; sys.exit(main.run(sys.argv[1:]))'
+    ranks = [subprocess.Popen([sys.executable, '-c', code, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)})
+             for r in range(2)]
+    try:
+        wait_for_line(ranks[0], 'Epoch: [1]')
+        ranks[1].send_signal(signal.SIGSTOP)
+        time.sleep(1)  # rank 0 is now waiting on rank 1 in the step's all-reduce
+        started = time.monotonic()
+        ranks[0].send_signal(signal.SIGTERM)
+        rest = ranks[0].communicate(timeout=START_TIMEOUT_S)[0]
+        elapsed = time.monotonic() - started
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    assert ranks[0].returncode == main.EXIT_PEER_FAILURE, rest[-3000:]
+    assert wait_s <= elapsed < wait_s + 10, elapsed
+    errors = [line for line in rest.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'received SIGTERM while waiting on the other processes' in errors[0], rest[-3000:]
+    assert 'Traceback' not in rest

@@ -225,3 +225,38 @@ def test_failed_download_is_one_line(teacher_path, shapes, tmp_path):
     err = result.stderr.strip()
     assert err.splitlines() == [err] and 'Traceback' not in err, err
     assert f'--teacher-path {teacher_path}: cannot download the weights of --teacher-model {SMALL_AUGREG}' in err
+
+
+def test_a_truncated_timm_weights_file_is_named(shapes, monkeypatch, tmp_path, capsys):
+    """A local weights file cut short: one line naming it, exit 2."""
+    whole = tmp_path / 'whole.pth'
+    torch.save(timm.create_model(SMALL_AUGREG, num_classes=NUM_CLASSES, img_size=IMAGE_SIZE).state_dict(), whole)
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    use_local_timm_weights(monkeypatch, truncated)
+    argv = ['--data-set', 'SHAPES', '--data-path', str(shapes), '--input-size', str(IMAGE_SIZE), '--teacher-model',
+            SMALL_AUGREG, '--teacher-path', 'timm', '--distillation-type', 'soft', *FAST]
+    assert main.run(argv) == main.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.splitlines() == [err] and 'Start training' not in captured.out, err
+    assert f'--teacher-model {SMALL_AUGREG} is damaged or truncated: {truncated}' in err, err
+
+
+def test_a_damaged_file_in_the_hub_cache_is_named(shapes, tmp_path):
+    """A weights file that a download left broken in the Hugging Face cache, read offline: one line naming the
+    cached file, exit 2, no traceback."""
+    snapshot = tmp_path / 'hf' / 'hub' / f'models--timm--{SMALL_AUGREG}' / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / 'refs').mkdir()
+    (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+    damaged = snapshot / 'model.safetensors'
+    damaged.write_bytes(b'\x40\x00\x00\x00\x00\x00\x00\x00{"broken')
+    env = {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'TORCH_HOME': str(tmp_path / 'torch')}
+    argv = ['--data-set', 'IMNET', '--data-path', str(shapes), '--input-size', str(IMAGE_SIZE), '--teacher-model',
+            SMALL_AUGREG, '--teacher-path', 'timm', '--distillation-type', 'soft', *FAST]
+    result = run_main(argv, env={**os.environ, **env})
+    assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-3000:]
+    err = result.stderr.strip()
+    assert err.splitlines() == [err] and 'Traceback' not in err, err
+    assert f'is damaged or truncated: {damaged}' in err and 'delete it' in err, err

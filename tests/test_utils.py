@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import engine
 import utils
 from launch import LaunchEnvironment
 from utils import MetricLogger, SmoothedValue, format_seconds
@@ -102,7 +103,7 @@ def test_init_distributed_mode_without_launcher(capsys):
     utils.init_distributed_mode(LaunchEnvironment(), torch.device('cpu'), 'env://', 1)
     assert 'Not using distributed mode' in capsys.readouterr().out
     assert utils.get_world_size() == 1 and utils.is_main_process()
-    assert utils.any_rank(True) and not utils.any_rank(False)
+    assert engine.step_values_over_processes([torch.tensor(2.0), torch.tensor(4.0)], True) == [2.0, 4.0, 1.0]
 
 
 def test_init_distributed_mode_joins_a_gloo_group(monkeypatch):
@@ -113,7 +114,8 @@ def test_init_distributed_mode_joins_a_gloo_group(monkeypatch):
     try:
         utils.init_distributed_mode(LaunchEnvironment(0, 1, 0, 'torchrun'), torch.device('cpu'), 'env://', 1)
         assert utils.is_dist_avail_and_initialized() and dist.get_backend() == 'gloo'
-        assert utils.get_world_size() == 1 and utils.any_rank(True) and not utils.any_rank(False)
+        assert utils.get_world_size() == 1
+        assert engine.step_values_over_processes([torch.tensor(3.0)], False) == [3.0, 0.0]
         meter = SmoothedValue()
         meter.update(2.0, n=3)
         meter.synchronize_between_processes()
