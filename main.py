@@ -5,6 +5,7 @@ work starts) and wires the data, models, criterion and loops together; the loops
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -559,6 +560,10 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
             model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision.scaler, args, max_accuracy), path)
 
     preempted = PreemptionFlag(launch.distributed)
+    # Everything built so far (torch's, timm's and dynamo's modules, the models) lives as long as the process: frozen
+    # out of the garbage collector's way, a full collection no longer walks it, nor does the interpreter's last one
+    # at exit (1.1 of the 1.3 s a finished run took to exit).
+    gc.freeze()
     last_checkpoint = output_dir / checkpoints.CHECKPOINT_NAME if output_dir else None
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
@@ -587,7 +592,7 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         if output_dir:
             save(epoch, last_checkpoint)
             if is_best:
-                save(epoch, output_dir / checkpoints.BEST_CHECKPOINT_NAME)
+                checkpoints.keep_copy_on_master(last_checkpoint, output_dir / checkpoints.BEST_CHECKPOINT_NAME)
 
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},

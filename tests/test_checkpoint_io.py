@@ -175,3 +175,17 @@ def test_save_on_master_writes_when_not_distributed(tmp_path):
     path = tmp_path / 'ckpt.pth'
     checkpoints.save_on_master({'epoch': 3}, path)
     assert load_checkpoint(str(path)) == {'epoch': 3}
+
+
+@pytest.mark.parametrize('links', [True, False], ids=['hard link', 'copy'])
+def test_the_best_checkpoint_keeps_its_content_when_the_last_one_is_replaced(tmp_path, monkeypatch, links):
+    if not links:
+        monkeypatch.setattr(os, 'link', lambda *args: (_ for _ in ()).throw(OSError('no links here')))
+    last, best = tmp_path / 'checkpoint.pth', tmp_path / 'checkpoint_best.pth'
+    save_checkpoint({'epoch': 3, 'model': {'w': torch.ones(4)}}, last)
+    checkpoints.keep_copy_on_master(last, best)
+    assert (best.stat().st_ino == last.stat().st_ino) == links
+    save_checkpoint({'epoch': 4, 'model': {'w': torch.zeros(4)}}, last)
+    assert load_checkpoint(best)['epoch'] == 3 and torch.equal(load_checkpoint(best)['model']['w'], torch.ones(4))
+    assert load_checkpoint(last)['epoch'] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth', 'checkpoint_best.pth']

@@ -154,3 +154,21 @@ def test_retain_freed_memory_reuses_pages_of_freed_tensors():
 
     assert faults(retain=False) >= repeats * pages_per_tensor // 2  # the default maps every tensor afresh
     assert faults(retain=True) < pages_per_tensor // 10
+
+
+def _step_values_on_rank(rank: int, init_file: str, results) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        # Rank 0 has terms (1, 10) and no stop request; rank 1 (3, 30) and a stop request.
+        terms = [torch.tensor(1.0 + 2 * rank), torch.tensor(10.0 + 20 * rank)]
+        results[rank] = engine.step_values_over_processes(terms, stop_requested=rank == 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_values_are_means_over_processes_with_the_stop_requests(tmp_path):
+    """One all-reduce per step: every process gets each term's mean over processes and the number of processes asked
+    to stop, so all stop at the same step."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_step_values_on_rank, args=(str(tmp_path / 'init'), results), nprocs=2)
+    assert dict(results) == {0: [2.0, 20.0, 1.0], 1: [2.0, 20.0, 1.0]}
