@@ -38,7 +38,13 @@ SOLARIZE_THRESHOLD = 128
 INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
 EVAL_BATCH_FACTOR = 1.5  # DeiT evaluates with 1.5x the training batch
 
-_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What reading and decoding a broken or non-image file raises in PIL.
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file that cannot be read or decoded (``--skip-bad-images`` skips it instead); ``main.py`` prints the
+    message's last line, which names the file."""
 
 
 def _data_path_error(path: str, what: str) -> FileNotFoundError:
@@ -75,9 +81,9 @@ class _SafeLoadingMixin:
             path, target = self.samples[(index + offset) % num_samples]
             try:
                 sample = self.loader(path)
-            except _IMAGE_READ_ERRORS as err:
+            except IMAGE_READ_ERRORS as err:
                 if not self.skip_bad_images:
-                    raise RuntimeError(f"cannot read image {path}: {err}") from err
+                    raise UnreadableImageError(f"cannot read image {path}: {err}") from err
                 self._warn_bad_image(path, err)
                 continue
             if self.transform is not None:
@@ -85,7 +91,7 @@ class _SafeLoadingMixin:
             if self.target_transform is not None:
                 target = self.target_transform(target)
             return sample, target
-        raise RuntimeError(f"no readable image among the {num_samples} samples of this dataset")
+        raise UnreadableImageError(f"no readable image among the {num_samples} samples of this dataset")
 
 
 class CheckedImageFolder(_SafeLoadingMixin, datasets.ImageFolder):

@@ -27,7 +27,8 @@ from timm.utils import ModelEmaV2, random_seed
 import benchmark
 import checkpoints
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset, build_loaders, build_mixup
+from dali_data import build_dali_loaders, check_dali_flags
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset, build_loaders, build_mixup
 from engine import NonFiniteLossError, Precision, StopSignal, build_optimizer, evaluate, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
@@ -39,6 +40,7 @@ DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
 LOOKAHEAD_PREFIX = 'lookahead_'  # timm's optimizer factory wraps 'lookahead_<name>' in Lookahead
 NO_AUGMENTATION = ('', 'none')
+DATA_BACKENDS = ('pil', 'dali')
 # --eval-precision: DeiT's evaluate (float16 autocast on CUDA, float32 on the CPU), the training precision, float32.
 EVAL_PRECISIONS = ('original', 'training', 'float32')
 RANDOM_ERASING_MODES = ('const', 'rand', 'pixel')  # timm's RandomErasing
@@ -259,6 +261,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--inat-category', default='name', type=str, choices=INAT_CATEGORIES)
     group.add_argument('--download', action='store_true', help='download CIFAR if missing')
     group.add_argument('--skip-bad-images', action='store_true', help='warn about and skip unreadable images')
+    group.add_argument('--data-backend', default='pil', choices=DATA_BACKENDS,
+                       help="pil: DeiT's transforms in DataLoader workers; dali: the same decoded and augmented by "
+                            'NVIDIA DALI on the GPU (on the CPU without one)')
     group.add_argument('--num_workers', default=10, type=NON_NEGATIVE_INT)
     group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
                        help='pinned host memory for faster copies to the GPU')
@@ -355,6 +360,8 @@ def check_args(args: argparse.Namespace) -> None:
     if trains_with_teacher and feature_distillation(args):
         # The block ranges, token counts and widths need only the architectures: meta-device models, no weights.
         check_token_shapes(args, num_classes=1)
+    if args.data_backend == 'dali':
+        check_dali_flags(args)
     if args.output_dir and not args.benchmark:
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -496,7 +503,10 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         dataset_val, _ = build_dataset(is_train=False, args=args)
     except ValueError as err:
         raise UserError(f'--data-path {args.data_path}: {err}') from None
-    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, launch)
+    if args.data_backend == 'dali':
+        loader_train, loader_val = build_dali_loaders(args, dataset_train, dataset_val, launch, device)
+    else:
+        loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, launch)
     mixup_fn = build_mixup(args, num_classes)
 
     precision = Precision.for_training(args, device)
@@ -633,6 +643,11 @@ def run(argv=None) -> int:
         return main(args, launch, device)
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         sys.stderr.write(f'error: {err}\n')
+        return EXIT_USER_ERROR
+    except UnreadableImageError as err:
+        # From a DataLoader worker the message holds the worker's traceback; its last line names the file.
+        last = str(err).strip().splitlines()[-1].removeprefix(f'{UnreadableImageError.__name__}: ')
+        sys.stderr.write(f'error: {last} (--skip-bad-images skips such files with a warning)\n')
         return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {err}. The last good checkpoint is kept.\n')

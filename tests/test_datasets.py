@@ -14,7 +14,7 @@ from torchvision import transforms
 
 import main
 import shapes
-from datasets import build_dataset, build_transform, new_data_aug_generator
+from datasets import UnreadableImageError, build_dataset, build_transform, new_data_aug_generator
 from shapes import make_shapes_dataset
 
 SMALL_SHAPES = dict(num_classes=3, train_per_class=2, val_per_class=1, image_size=32)
@@ -204,7 +204,7 @@ def test_corrupt_image(tmp_path):
     write_image(class_dir / 'b.png')
 
     dataset, _ = build_dataset(False, make_args(data_path=str(tmp_path), input_size=48))
-    with pytest.raises(RuntimeError, match=re.escape(f'cannot read image {bad}')):
+    with pytest.raises(UnreadableImageError, match=re.escape(f'cannot read image {bad}')):
         dataset[0]
 
     dataset, _ = build_dataset(False, make_args(data_path=str(tmp_path), input_size=48, skip_bad_images=True))
