@@ -170,10 +170,12 @@ def dali_augmentation(op: AugmentOp, num_bins: int):
     return augmentation.augmentation(**overrides)
 
 
-def apply_rand_augment(images, policy: RandAugment, image_size: int, fill_value: float, interp_type):
+def apply_rand_augment(images, policy: RandAugment, image_size: int, fill_value: float, interp_type) -> tuple:
     """timm's RandAugment on a batch inside a DALI pipeline: ``num_layers`` times, an op drawn uniformly from the
     policy's (with replacement, as timm without weights), applied with the op's probability (else the image passes),
-    at a magnitude drawn from N(m, mstd) (uniform in [0, m] for mstd inf) and clipped to [0, bound]."""
+    at a magnitude drawn from N(m, mstd) (uniform in [0, m] for mstd inf) and clipped to [0, bound]. Returns the
+    images and each layer's draws: the op index (``len(policy.ops)`` where it was not applied), the magnitude bin
+    (tenths) and the sign."""
     from nvidia.dali import fn, math as dali_math, types
     from nvidia.dali.auto_aug import augmentations
     from nvidia.dali.auto_aug.core import select, signed_bin
@@ -182,6 +184,7 @@ def apply_rand_augment(images, policy: RandAugment, image_size: int, fill_value:
     num_bins = int(round(bound * BINS_PER_MAGNITUDE)) + 1
     operations = [dali_augmentation(op, num_bins) for op in policy.ops] + [augmentations.identity]
     skip = len(policy.ops)  # the identity's index
+    draws = []
     for _ in range(policy.num_layers):
         chosen = fn.random.uniform(values=list(range(len(policy.ops))), dtype=types.INT32)
         applied = fn.random.coin_flip(probability=first.prob, dtype=types.INT32)
@@ -194,11 +197,11 @@ def apply_rand_augment(images, policy: RandAugment, image_size: int, fill_value:
             magnitude = types.Constant(float(first.magnitude))
         magnitude = dali_math.clamp(magnitude, 0.0, float(bound))
         # DALI's cast rounds to the nearest integer: the magnitude's nearest tenth.
-        magnitude_bin = fn.cast(magnitude * BINS_PER_MAGNITUDE, dtype=types.INT32)
-        images = select(operations, index, images, magnitude_bin=signed_bin(magnitude_bin),
-                        num_magnitude_bins=num_bins, shape=[image_size, image_size, 3], fill_value=fill_value,
-                        interp_type=interp_type)
-    return images
+        magnitude_bin = signed_bin(fn.cast(magnitude * BINS_PER_MAGNITUDE, dtype=types.INT32))
+        images = select(operations, index, images, magnitude_bin=magnitude_bin, num_magnitude_bins=num_bins,
+                        shape=[image_size, image_size, 3], fill_value=fill_value, interp_type=interp_type)
+        draws += [index, magnitude_bin.bin, magnitude_bin.random_sign]
+    return images, draws
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +220,11 @@ def normalised(images):
 
 
 def train_pipeline(batch_size: int, num_threads: int, device_id: Optional[int], seed: int, depth: int,
-                   image_size: int, interpolation: str, policy: Optional[RandAugment], fill_value: float):
+                   image_size: int, interpolation: str, policy: Optional[RandAugment], fill_value: float,
+                   policy_draws: bool = False):
     """DeiT's train transform: the given crop decoded (only that region, on the GPU where there is one), resized to
-    ``image_size`` (antialiased), flipped with probability 0.5, RandAugment, normalised."""
+    ``image_size`` (antialiased), flipped with probability 0.5, RandAugment, normalised. Outputs the images and the
+    labels, and with ``policy_draws`` the flips and RandAugment's draws too (to check their distribution)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=policy is not None)
@@ -233,11 +238,13 @@ def train_pipeline(batch_size: int, num_threads: int, device_id: Optional[int], 
                                          normalized_shape=False, adjust_orientation=False)
         images = fn.resize(images, size=[image_size, image_size], antialias=True,
                            interp_type=getattr(types, DALI_INTERPOLATIONS[interpolation]))
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=FLIP_PROBABILITY))
+        flips = fn.random.coin_flip(probability=FLIP_PROBABILITY)
+        images = fn.flip(images, horizontal=flips)
+        draws = []
         if policy is not None:
             # DALI's rotate and warp interpolate linearly or by nearest neighbour only.
-            images = apply_rand_augment(images, policy, image_size, fill_value, types.INTERP_LINEAR)
-        return normalised(images), labels
+            images, draws = apply_rand_augment(images, policy, image_size, fill_value, types.INTERP_LINEAR)
+        return (normalised(images), labels, flips, *draws) if policy_draws else (normalised(images), labels)
 
     return pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=depth)
@@ -406,7 +413,7 @@ class DaliLoader:
 
     def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        images_out, labels_out = outputs
+        images_out, labels_out = outputs[:2]
         images_out = images_out.as_tensor()
         images = torch.empty(images_out.shape(), dtype=torch.float32, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == 'cuda' else None
