@@ -17,6 +17,8 @@ the module builds from ``engine``, ``models``, ``datasets`` and ``losses`` only.
 """
 import argparse
 import gc
+import glob
+import itertools
 import math
 import os
 import shlex
@@ -24,7 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 import utils
-from datasets import IMAGENET_NUM_CLASSES, build_dataset, build_loaders, build_mixup
+from datasets import IMAGENET_NUM_CLASSES, build_data_loaders, build_dataset, build_mixup
 from engine import Precision, build_optimizer, training_step
 from launch import LaunchEnvironment
 from losses import build_criterion
@@ -79,11 +81,14 @@ CLSKD_GPU_BATCH = 128  # the papers' per-GPU batches: [CLS]-KD 4 x 128, Manifold
 MANIFOLD_GPU_BATCH = 64
 # What ``--papers`` takes from its command line; the models, losses and batch sizes are its own.
 PAPERS_RUN_FLAGS = ('device', 'seed', 'benchmark_steps', 'benchmark_warmup', 'peak_tflops', 'amp', 'amp_dtype',
-                    'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark', 'papers')
-# The data pipeline is timed on batches of this size, skipping one batch per worker (their start), then over
-# this many batches per worker.
+                    'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark', 'papers', 'data_backend')
+# The loaders alone are timed on batches of this size, over this many after as many untimed ones (workers start).
 DATA_TIMING_BATCH = 32
-DATA_TIMED_BATCHES_PER_WORKER = 3
+DATA_WARMUP_BATCHES = 8
+DATA_TIMED_BATCHES = 24
+# /proc/<pid>/stat, after the process name: user and system CPU time in clock ticks.
+PROC_STAT_UTIME = 11
+PROC_STAT_STIME = 12
 PRECISION_NAMES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 TABLE_HEADER = ('| mode | device | precision | batch | images/s | ms/step | memory | GFLOPs/image | MFU |\n'
                 '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
@@ -174,10 +179,8 @@ def estimate_mfu(flops_per_step: float, seconds_per_step: float, peak_flops: flo
     return flops_per_step / seconds_per_step / peak_flops
 
 
-def time_training_step(model: nn.Module, teacher: Optional[nn.Module], criterion: nn.Module,
-                       optimizer: torch.optim.Optimizer, precision: Precision, device: torch.device,
-                       batch_size: int, input_size: int, steps: int, warmup: int,
-                       peak_flops: Optional[float] = None, mixup_fn=None) -> dict[str, float]:
+def time_training_step(step: 'Step', device: torch.device, batch_size: int, input_size: int, steps: int, warmup: int,
+                       peak_flops: Optional[float] = None) -> dict[str, float]:
     """Time the real training step on one synthetic batch; FLOPs come from ``FlopCounterMode``.
 
     Without ``peak_flops`` (a CPU) the peak is this machine's matmul rate in the step's dtype, measured before every
@@ -186,19 +189,24 @@ def time_training_step(model: nn.Module, teacher: Optional[nn.Module], criterion
     from the caches). Step time and rate are medians.
     """
     count_cpu_attention_flops()
-    model.train()
+    step.model.train()
     samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
     targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
-    if mixup_fn is not None:
-        samples, targets = mixup_fn(samples, targets)
+    if step.mixup_fn is not None:
+        samples, targets = step.mixup_fn(samples, targets)
+
+    def one_step() -> None:
+        read_back(training_step(step.model, step.teacher, step.criterion, step.optimizer, step.precision, samples,
+                                targets))
+
     for _ in range(warmup):
-        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+        one_step()
     with FlopCounterMode(display=False) as counter:
-        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+        one_step()
     flops_per_step = counter.get_total_flops()
     operands = None
     if peak_flops is None:
-        operands = [torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=precision.dtype)
+        operands = [torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=step.precision.dtype)
                     for _ in range(3)]
         matmul_flops_per_second(*operands)
     if device.type == 'cuda':
@@ -209,7 +217,7 @@ def time_training_step(model: nn.Module, teacher: Optional[nn.Module], criterion
             rates.append(matmul_flops_per_second(*operands))
         synchronize(device)
         start = time.perf_counter()
-        training_step(model, teacher, criterion, optimizer, precision, samples, targets)
+        one_step()
         synchronize(device)
         step_seconds.append(time.perf_counter() - start)
     if operands is not None:
@@ -228,24 +236,18 @@ def time_training_step(model: nn.Module, teacher: Optional[nn.Module], criterion
     }
 
 
-def data_images_per_second(loader, batches: int, warmup: int, data_path: str) -> float:
-    """Images/s of the training DataLoader alone (decoding and augmentation), after ``warmup`` batches."""
-    images, start = 0, None
-    for i, (samples, _) in enumerate(loader):
-        if i == warmup:
-            start = time.perf_counter()
-        elif i > warmup:
-            images += len(samples)
-        if i >= batches:
-            break
-    if start is None or images == 0:
-        raise UserError(f'--data-path {data_path}: too few images to time {batches} batches of the data pipeline')
-    return images / (time.perf_counter() - start)
+@dataclass
+class Step:
+    """What ``engine.training_step`` takes, built as training builds it."""
+    model: nn.Module
+    teacher: Optional[nn.Module]
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    mixup_fn: Any
 
 
-def run(args, device: torch.device) -> dict[str, float]:
-    """Benchmark the training step the flags describe on ``device``; prints the report and returns the step's
-    numbers."""
+def build_step(args, device: torch.device) -> Step:
     random_seed(args.seed)
     precision = Precision.for_training(args, device)
     teacher = models.load_teacher(args, NUM_CLASSES, device, precision.dtype)
@@ -254,32 +256,130 @@ def run(args, device: torch.device) -> dict[str, float]:
     criterion = build_criterion(args)
     if args.compile:
         model, teacher, criterion = models.compile_models(model, teacher, criterion)
+    return Step(model, teacher, criterion, optimizer, precision, build_mixup(args, NUM_CLASSES))
+
+
+def train_loader(args, device: torch.device) -> Iterable:
+    """The training loader of ``--data-backend`` over ``--data-path``, as one process of training builds it."""
+    dataset, _ = build_dataset(is_train=True, args=args)
+    loader, _ = build_data_loaders(args, dataset, dataset, LaunchEnvironment(), device)
+    return loader
+
+
+def batches_of(loader, data_path: str) -> Iterator:
+    """The loader's batches, epoch after epoch (a small folder is read several times)."""
+    for epoch in itertools.count():
+        if hasattr(loader.sampler, 'set_epoch'):
+            loader.sampler.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise UserError(f'--data-path {data_path}: too few images for one batch of the data pipeline')
+
+
+def child_pids() -> set[int]:
+    """This process's children (a DataLoader's workers), from ``/proc`` (Linux); empty where it cannot be read."""
+    pids: set[int] = set()
+    for children in glob.glob(f'/proc/{os.getpid()}/task/*/children'):
+        try:
+            with open(children) as f:
+                pids.update(int(pid) for pid in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """CPU time so far of this process (DALI's threads included) and of the processes ``pids``."""
+    seconds = time.process_time()
+    ticks = os.sysconf('SC_CLK_TCK')
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        seconds += (int(fields[PROC_STAT_UTIME]) + int(fields[PROC_STAT_STIME])) / ticks
+    return seconds
+
+
+def time_loader(args, device: torch.device, batches: int, warmup: int) -> dict[str, float]:
+    """The training loader of ``--data-backend`` alone over ``batches`` after ``warmup`` (workers starting, DALI
+    building its pipeline): images/s (reading, decoding, augmenting; for DALI also the batch on ``device``), the
+    CPU time per image of this process and its workers, and the cores that keeps busy."""
+    loader = train_loader(args, device)
+    stream = batches_of(loader, args.data_path)
+    for _ in range(warmup):
+        next(stream)
+    synchronize(device)
+    workers = child_pids()
+    started_cpu, started = cpu_seconds(workers), time.perf_counter()
+    images = sum(len(next(stream)[0]) for _ in range(batches))
+    synchronize(device)
+    cpu, wall = cpu_seconds(workers) - started_cpu, time.perf_counter() - started
+    stream.close()
+    return {'images_per_s': images / wall, 'cpu_ms_per_image': 1000 * cpu / images, 'cores_busy': cpu / wall}
+
+
+def read_back(terms: dict[str, torch.Tensor]) -> list[float]:
+    """The step's one host sync, as training has it (the terms read back for the progress line)."""
+    return torch.stack([term.detach().float() for term in terms.values()]).tolist()
+
+
+def time_step_from_files(step: Step, args, device: torch.device, steps: int, warmup: int) -> float:
+    """Images/s of the training step fed by the loader of ``--data-backend``, as training runs it: the loader's
+    batch to the device, mixup, the step, its host sync."""
+    loader = train_loader(args, device)
+    stream = batches_of(loader, args.data_path)
+    step.model.train()
+    images, started = 0, None
+    for index in range(warmup + steps):
+        if index == warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        samples, targets = next(stream)
+        samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if step.mixup_fn is not None:
+            samples, targets = step.mixup_fn(samples, targets)
+        read_back(training_step(step.model, step.teacher, step.criterion, step.optimizer, step.precision, samples,
+                                targets))
+        images += len(samples) if index >= warmup else 0
+    synchronize(device)
+    stream.close()
+    return images / (time.perf_counter() - started)
+
+
+def describe_loader(args, stats: dict[str, float]) -> str:
+    workers = f'{args.num_workers} {"threads" if args.data_backend == "dali" else "workers"}'
+    return (f'data ({args.data_backend}, {workers}): {stats["images_per_s"]:.1f} images/s, '
+            f'{stats["cpu_ms_per_image"]:.2f} ms CPU per image, {stats["cores_busy"]:.1f} cores busy')
+
+
+def run(args, device: torch.device) -> dict[str, float]:
+    """Benchmark the training step the flags describe on ``device``; prints the report and returns the step's
+    numbers. With ``--data-path`` also the loader of ``--data-backend`` alone and the step fed by it."""
+    step = build_step(args, device)
     peak, peak_source = peak_flops(device, args.peak_tflops)
-    stats = time_training_step(model, teacher, criterion, optimizer, precision, device, args.batch_size,
-                               args.input_size, args.benchmark_steps, args.benchmark_warmup, peak,
-                               mixup_fn=build_mixup(args, NUM_CLASSES))
-    print(f'Benchmark {args.model} <- {args.teacher_model if teacher is not None else "no teacher"} '
-          f'| device {device.type} | {precision.describe()} | batch {args.batch_size} | {args.input_size} px')
+    stats = time_training_step(step, device, args.batch_size, args.input_size, args.benchmark_steps,
+                               args.benchmark_warmup, peak)
+    print(f'Benchmark {args.model} <- {args.teacher_model if step.teacher is not None else "no teacher"} '
+          f'| device {device.type} | {step.precision.describe()} | batch {args.batch_size} | {args.input_size} px')
     memory = 'n/a' if math.isnan(stats['peak_memory_gib']) else f'{stats["peak_memory_gib"]:.2f} GiB'
     print(f'  {stats["images_per_s"]:.1f} images/s, {stats["ms_per_step"]:.1f} ms/step, '
           f'peak memory {memory}, {stats["gflops_per_image"]:.2f} GFLOPs/image, '
           f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
           f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
     if args.data_path:
-        per_worker = data_rate_per_worker(args, args.benchmark_steps + args.benchmark_warmup, args.benchmark_warmup)
-        stats['data_images_per_s_per_worker'] = per_worker
-        print(f'  about {math.ceil(stats["images_per_s"] / per_worker)} workers keep this device fed')
+        batches = args.benchmark_steps
+        loader_stats = time_loader(args, device, batches, args.benchmark_warmup)
+        print(f'  {describe_loader(args, loader_stats)}')
+        from_files = time_step_from_files(step, args, device, args.benchmark_steps, args.benchmark_warmup)
+        print(f'  the step fed from files: {from_files:.1f} images/s, {100 * from_files / stats["images_per_s"]:.0f}% '
+              'of the synthetic batch\'s')
+        stats.update({f'data_{key}': value for key, value in loader_stats.items()}, from_files_images_per_s=from_files)
     return stats
-
-
-def data_rate_per_worker(args, batches: int, warmup: int) -> float:
-    """Images/s per worker of the training DataLoader the flags build (``--num_workers 0``: the main process)."""
-    dataset, _ = build_dataset(is_train=True, args=args)
-    loader, _ = build_loaders(args, dataset, dataset, LaunchEnvironment())
-    rate = data_images_per_second(loader, batches, warmup, args.data_path)
-    per_worker = rate / max(args.num_workers, 1)
-    print(f'  data pipeline: {rate:.1f} images/s with {args.num_workers} workers ({per_worker:.1f} per worker)')
-    return per_worker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,30 +427,47 @@ def forget_compiled_models(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def with_backend(args: argparse.Namespace, backend: str, workers: int, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), 'data_backend': backend, 'num_workers': workers, **changes})
+
+
 def run_papers(args: argparse.Namespace, parser: argparse.ArgumentParser,
                check: Callable[[argparse.Namespace], None]) -> int:
     """Benchmark every paper configuration eager and with ``--compile``, each with the run flags of ``args`` (parsed
     by ``parser``; ``check`` is the training script's check of a flag set); print the rows measured as one markdown
-    table (also after Ctrl-C or SIGINT, e.g. from ``timeout -s INT``), then the data pipeline's rate."""
+    table (also after Ctrl-C or SIGINT, e.g. from ``timeout -s INT``). With ``--data-path``, also each loader alone
+    (pil with ``--num_workers`` workers, dali with as many threads) and every eager configuration fed from the
+    files: by pil with a worker per CPU core of the machine, and by dali."""
     check_papers_run_flags(parser, args)
     device = torch.device(args.device)
-    rows, per_worker, interrupted = [], None, False
+    rows, loaders, fed, interrupted = [], {}, [], False
+    backends = {'pil': os.cpu_count() or 1, 'dali': max(args.num_workers, 1)}
     try:
         if args.data_path:
-            data_args = argparse.Namespace(**{**vars(args), 'batch_size': DATA_TIMING_BATCH})
-            check(data_args)
-            workers = max(data_args.num_workers, 1)
-            per_worker = data_rate_per_worker(data_args, (1 + DATA_TIMED_BATCHES_PER_WORKER) * workers, workers)
+            for backend in backends:
+                data_args = with_backend(args, backend, max(args.num_workers, 1), batch_size=DATA_TIMING_BATCH)
+                check(data_args)
+                loaders[backend] = (data_args, time_loader(data_args, device, DATA_TIMED_BATCHES,
+                                                           DATA_WARMUP_BATCHES))
         for configuration in PAPER_CONFIGURATIONS:
             for compiled in (False, True):
-                # The data pipeline was timed once above: the steps run on synthetic batches only.
                 row_args = parser.parse_args([*configuration.argv(), *(['--compile'] if compiled else [])],
                                              namespace=argparse.Namespace(**{**vars(args), 'data_path': ''}))
                 check(row_args)
-                stats = run(row_args, device)
+                step = build_step(row_args, device)
+                stats = time_training_step(step, device, row_args.batch_size, row_args.input_size,
+                                           row_args.benchmark_steps, row_args.benchmark_warmup,
+                                           peak_flops(device, row_args.peak_tflops)[0])
                 mode = configuration.mode + (', `--compile`' if compiled else '')
-                dtype = Precision.for_training(row_args, device).dtype
-                rows.append((mode, stats, table_row(mode, device, dtype, configuration.batch_size, stats)))
+                rows.append((mode, stats, table_row(mode, device, step.precision.dtype, configuration.batch_size,
+                                                    stats)))
+                if args.data_path and not compiled:
+                    fed.append((configuration.mode, stats['images_per_s'], {
+                        backend: time_step_from_files(step, with_backend(row_args, backend, workers,
+                                                                         data_path=args.data_path), device,
+                                                      row_args.benchmark_steps, row_args.benchmark_warmup)
+                        for backend, workers in backends.items()}))
+                del step
                 forget_compiled_models(device)
     except KeyboardInterrupt:
         interrupted = True
@@ -358,11 +475,17 @@ def run_papers(args: argparse.Namespace, parser: argparse.ArgumentParser,
     print(f'\nThe papers\' configurations ({versions}):\n\n{TABLE_HEADER}')
     for _, _, row in rows:
         print(row)
-    if per_worker is not None:
-        print(f'\nData pipeline: {per_worker:.1f} images/s per worker (DeiT\'s train transform on '
-              f'{args.data_path}); workers per GPU that keep each row fed:')
-        for mode, stats, _ in rows:
-            print(f'- {mode}: {math.ceil(stats["images_per_s"] / per_worker)}')
+    if loaders:
+        print(f'\nThe loaders alone on {args.data_path} (batch {DATA_TIMING_BATCH}):')
+        for data_args, loader_stats in loaders.values():
+            print(f'- {describe_loader(data_args, loader_stats)}')
+    if fed:
+        print(f'\nFed from {args.data_path} (images/s, and the share of the synthetic batch\'s):\n\n'
+              f'| configuration | synthetic | pil, {backends["pil"]} workers | dali, {backends["dali"]} threads |\n'
+              '| --- | ---: | ---: | ---: |')
+        for mode, synthetic, rates in fed:
+            print(f'| {mode} | {figure(synthetic)} | '
+                  + ' | '.join(f'{figure(rates[b])} ({100 * rates[b] / synthetic:.0f}%)' for b in backends) + ' |')
     if interrupted:
         print(f'Interrupted: {len(rows)} of {2 * len(PAPER_CONFIGURATIONS)} rows measured')
         return EXIT_INTERRUPTED

@@ -27,8 +27,8 @@ from timm.utils import ModelEmaV2, random_seed
 import benchmark
 import checkpoints
 import utils
-from dali_data import build_dali_loaders, check_dali_flags
-from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset, build_loaders, build_mixup
+from dali_data import check_dali_flags
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_data_loaders, build_dataset, build_mixup
 from engine import NonFiniteLossError, Precision, StopSignal, build_optimizer, evaluate, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
@@ -503,10 +503,7 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         dataset_val, _ = build_dataset(is_train=False, args=args)
     except ValueError as err:
         raise UserError(f'--data-path {args.data_path}: {err}') from None
-    if args.data_backend == 'dali':
-        loader_train, loader_val = build_dali_loaders(args, dataset_train, dataset_val, launch, device)
-    else:
-        loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, launch)
+    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, launch, device)
     mixup_fn = build_mixup(args, num_classes)
 
     precision = Precision.for_training(args, device)

@@ -18,6 +18,7 @@ import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 
 import checkpoints
+import dali_data
 import datasets
 import engine
 import main
@@ -399,3 +400,49 @@ def test_a_paper_step_fits_an_80_gb_gpu(configuration, device):
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     assert peak < GPU_MEMORY_BYTES, f'{configuration.mode}: {peak / 2 ** 30:.1f} GiB at batch {args.batch_size}'
+
+
+# nvJPEG on the GPU and libjpeg-turbo on the CPU round differently, the resampling is the same: the normalised pixels
+# of an image may differ by about a level of 255 on average (0.02 std units) and a few levels at edges.
+DALI_DEVICE_MEAN_TOLERANCE = 0.03
+DALI_DEVICE_MAX_TOLERANCE = 0.6
+
+
+def dali_args(data: Path, device: torch.device, *flags: str):
+    args = main.get_args_parser().parse_args(['--data-set', 'IMNET', '--data-path', str(data), '--input-size', '64',
+                                              '--device', device.type, '--batch-size', '8', '--num_workers', '2',
+                                              '--data-backend', 'dali', *flags])
+    main.check_args(args)
+    return args
+
+
+@pytest.fixture(scope='module')
+def small_jpegs(tmp_path_factory) -> Path:
+    return Path(make_shapes_dataset(str(tmp_path_factory.mktemp('jpegs')), num_classes=4, train_per_class=8,
+                                    val_per_class=4, image_size=(200, 150), jpeg_quality=90))
+
+
+def test_dali_decodes_on_the_gpu_and_agrees_with_its_cpu_backend(small_jpegs, device):
+    """The mixed pipeline hands batches on the GPU; its evaluation outputs are the CPU backend's within the decoders'
+    rounding, and its training batches have the CPU backend's shape and labels."""
+    outputs = {}
+    for name in ('cpu', 'cuda'):
+        where = torch.device(name) if name == 'cpu' else device
+        args = dali_args(small_jpegs, where)
+        train, _ = datasets.build_dataset(True, args)
+        val, _ = datasets.build_dataset(False, args)
+        loader_train, loader_val = dali_data.build_dali_loaders(args, train, val, LaunchEnvironment(), where)
+        images, targets = next(iter(loader_train))
+        assert images.device.type == where.type and images.shape == (8, 3, 64, 64) and targets.device.type == where.type
+        outputs[name] = torch.cat([images.cpu() for images, _ in loader_val])
+    difference = (outputs['cuda'] - outputs['cpu']).abs()
+    assert difference.mean(dim=(1, 2, 3)).max() <= DALI_DEVICE_MEAN_TOLERANCE
+    assert difference.max() <= DALI_DEVICE_MAX_TOLERANCE
+
+
+def test_a_dali_run_trains_on_the_gpu(small_jpegs, tmp_path, device):
+    result = run_main(['--data-set', 'IMNET', '--data-path', str(small_jpegs), '--input-size', '64', '--device',
+                       device.type, '--batch-size', '8', '--num_workers', '2', '--data-backend', 'dali', '--model',
+                       'deit_tiny_patch16_224', '--epochs', '1', '--output_dir', str(tmp_path / 'run')])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ACCURACY_LINE.search(result.stdout)

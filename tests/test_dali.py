@@ -475,3 +475,26 @@ def test_dali_trains_to_the_pil_loaders_accuracy(tmp_path):
     gap = statistics.mean(per_backend['dali']) - statistics.mean(per_backend['pil'])
     assert statistics.mean(per_backend['pil']) > 50, per_backend  # the runs learn: the comparison means something
     assert abs(gap) <= max(2 * pooled, MIN_ACCURACY_TOLERANCE), per_backend
+
+
+def test_papers_benchmark_times_both_loaders_and_each_configuration_fed_by_both(jpegs, monkeypatch, capsys):
+    """``--papers --data-path``: each loader alone for real (images/s, CPU per image, cores), then every eager
+    configuration fed by pil and by dali (the steps themselves stubbed: their timing has its own tests)."""
+    import benchmark
+    import engine
+    stats = {'images_per_s': 200.0, 'ms_per_step': 640.0, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.8,
+             'peak_tflops': 0.4, 'mfu': 0.5}
+    monkeypatch.setattr(benchmark, 'build_step', lambda args, device: benchmark.Step(
+        None, None, None, None, engine.Precision.for_training(args, device), None))
+    monkeypatch.setattr(benchmark, 'time_training_step', lambda *args, **kwargs: stats)
+    fed = {'pil': 150.0, 'dali': 190.0}
+    monkeypatch.setattr(benchmark, 'time_step_from_files', lambda step, args, device, steps, warmup:
+                        fed[args.data_backend])
+    argv = ['--benchmark', '--papers', '--device', 'cpu', '--data-path', str(jpegs), '--num_workers', '1']
+    assert main.run(argv) == 0
+    out = capsys.readouterr().out
+    for backend, unit in (('pil', 'workers'), ('dali', 'threads')):
+        line = re.search(rf'^- data \({backend}, 1 {unit}\): ([\d.]+) images/s, ([\d.]+) ms CPU per image', out, re.M)
+        assert line and float(line[1]) > 0 and float(line[2]) > 0, out
+    rows = re.findall(r'^\| (.+?) \| 200 \| 150 \(75%\) \| 190 \(95%\) \|$', out, re.M)
+    assert len(rows) == 3, out

@@ -130,7 +130,10 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
     assert images_per_s > 0 and ms_per_step > 0 and 0 < mfu
     # Student fwd+bwd (3x) plus teacher fwd of DeiT-Ti/S at 32 px: a fraction of a GFLOP per image.
     assert 0.05 < gflops < 1.0
-    assert 'data pipeline:' in out
+    loader = re.search(r'data \(pil, 0 workers\): ([\d.]+) images/s, ([\d.]+) ms CPU per image, ([\d.]+) cores busy', out)
+    assert loader and float(loader[1]) > 0 and float(loader[2]) > 0, out
+    fed = re.search(r'the step fed from files: ([\d.]+) images/s, (\d+)% of the synthetic batch', out)
+    assert fed and 0 < float(fed[1]) and 0 < int(fed[2]) <= 150, out
 
 
 def test_papers_mode_takes_only_run_flags(capsys):
@@ -155,7 +158,9 @@ def test_papers_mode_prints_a_row_per_configuration_and_mode(monkeypatch, capsys
     """Every configuration eager and compiled, each row with its precision; the steps themselves are stubbed."""
     stats = {'images_per_s': 6.61, 'ms_per_step': 1210.4, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.84,
              'peak_tflops': 0.401, 'mfu': 0.7221}
-    monkeypatch.setattr(benchmark, 'run', lambda args, device: stats)
+    monkeypatch.setattr(benchmark, 'build_step', lambda args, device: benchmark.Step(
+        None, None, None, None, engine.Precision.for_training(args, device), None))
+    monkeypatch.setattr(benchmark, 'time_training_step', lambda *args, **kwargs: stats)
     assert main.run(['--benchmark', '--papers', '--device', 'cpu', '--no-amp']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '→' in line]
     assert len(rows) == 2 * len(benchmark.PAPER_CONFIGURATIONS)
