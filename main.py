@@ -643,7 +643,7 @@ def run(argv=None) -> int:
         return EXIT_USER_ERROR
     except UnreadableImageError as err:
         # From a DataLoader worker the message holds the worker's traceback; its last line names the file.
-        last = str(err).strip().splitlines()[-1].removeprefix(f'{UnreadableImageError.__name__}: ')
+        last = str(err).strip().splitlines()[-1].split(f'{UnreadableImageError.__name__}: ', 1)[-1]
         sys.stderr.write(f'error: {last} (--skip-bad-images skips such files with a warning)\n')
         return EXIT_USER_ERROR
     except NonFiniteLossError as err:

@@ -123,3 +123,16 @@ def test_teacher_tokens_that_do_not_fit_the_attention_term(shapes, tiny_teacher,
     argv = (['--data-path', str(shapes), '--teacher-path', str(tiny_teacher)] + MANIFOLD + FAST
             + ['--model', 'deit_tiny_distilled_patch16_224', '--w-atn', '1'])
     fails_with(argv, capsys, '--w-atn needs equal token counts', '6 tokens', '5')
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_a_corrupt_image_is_one_line_naming_it(tmp_path, workers):
+    """Also from a DataLoader worker, whose error reaches the main process wrapped in the worker's traceback."""
+    data = make_shapes(tmp_path / 'shapes', train_per_class=2, val_per_class=1)
+    bad = sorted((data / 'train').rglob('*.png'))[0]
+    bad.write_bytes(b'not an image')
+    result = run_main(['--data-path', str(data), '--data-set', 'SHAPES', '--model', 'deit_tiny_patch16_224',
+                       *FAST[:2], '--num_workers', workers, *FAST[4:]])
+    assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-3000:]
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith(f'error: cannot read image {bad}: ') and '--skip-bad-images' in err, result.stderr[-3000:]
