@@ -11,7 +11,7 @@ import random
 import shutil
 import urllib.error
 import zipfile
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import safetensors.torch
@@ -166,24 +166,37 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, path: PathLike) -> None:
-    """Save ``state`` atomically: a crash mid-save leaves any previous file at ``path`` intact."""
+def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)``, then rename the file over ``path`` and make the rename durable: a crash midway
+    leaves any previous file at ``path`` intact, and no temporary file behind (also on KeyboardInterrupt)."""
     path = os.fspath(path)
     tmp_path = f'{path}.tmp.{os.getpid()}'
     try:
-        with open(tmp_path, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temporary file behind.
         try:
             os.remove(tmp_path)
         except FileNotFoundError:
             pass
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, 'rb+') as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(state: dict, path: PathLike) -> None:
+    """Save ``state`` atomically: a crash mid-save leaves any previous file at ``path`` intact."""
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomically(path, write)
 
 
 def save_on_master(state: dict, path: PathLike) -> None:
@@ -199,23 +212,15 @@ def keep_copy_on_master(path: PathLike, copy_path: PathLike) -> None:
     links, a copy."""
     if not utils.is_main_process():
         return
-    path, copy_path = os.fspath(path), os.fspath(copy_path)
-    tmp_path = f'{copy_path}.tmp.{os.getpid()}'
-    try:
+
+    def link_or_copy(tmp_path: str) -> None:
         try:
             os.link(path, tmp_path)
         except OSError:
             shutil.copyfile(path, tmp_path)
-            with open(tmp_path, 'rb+') as f:
-                os.fsync(f.fileno())
-        os.replace(tmp_path, copy_path)
-    except BaseException:
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(copy_path)))
+            _fsync_file(tmp_path)
+
+    write_atomically(copy_path, link_or_copy)
 
 
 # ---------------------------------------------------------------------------------------------
