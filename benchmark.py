@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import models
 import utils
 from datasets import IMAGENET_NUM_CLASSES, build_data_loaders, build_dataset, build_mixup
-from engine import Precision, build_optimizer, training_step
+from engine import Precision, build_optimizer, step_values_over_processes, training_step
 from launch import LaunchEnvironment
 from losses import build_criterion
 from utils import UserError
@@ -196,8 +196,9 @@ def time_training_step(step: 'Step', device: torch.device, batch_size: int, inpu
         samples, targets = step.mixup_fn(samples, targets)
 
     def one_step() -> None:
-        read_back(training_step(step.model, step.teacher, step.criterion, step.optimizer, step.precision, samples,
-                                targets))
+        # The step's one host sync, as training has it.
+        step_values_over_processes(training_step(step.model, step.teacher, step.criterion, step.optimizer,
+                                                 step.precision, samples, targets).values(), False)
 
     for _ in range(warmup):
         one_step()
@@ -323,11 +324,6 @@ def time_loader(args, device: torch.device, batches: int, warmup: int) -> dict[s
     return {'images_per_s': images / wall, 'cpu_ms_per_image': 1000 * cpu / images, 'cores_busy': cpu / wall}
 
 
-def read_back(terms: dict[str, torch.Tensor]) -> list[float]:
-    """The step's one host sync, as training has it (the terms read back for the progress line)."""
-    return torch.stack([term.detach().float() for term in terms.values()]).tolist()
-
-
 def time_step_from_files(step: Step, args, device: torch.device, steps: int, warmup: int) -> float:
     """Images/s of the training step fed by the loader of ``--data-backend``, as training runs it: the loader's
     batch to the device, mixup, the step, its host sync."""
@@ -343,8 +339,9 @@ def time_step_from_files(step: Step, args, device: torch.device, steps: int, war
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if step.mixup_fn is not None:
             samples, targets = step.mixup_fn(samples, targets)
-        read_back(training_step(step.model, step.teacher, step.criterion, step.optimizer, step.precision, samples,
-                                targets))
+        # The step's one host sync, as training has it.
+        step_values_over_processes(training_step(step.model, step.teacher, step.criterion, step.optimizer,
+                                                 step.precision, samples, targets).values(), False)
         images += len(samples) if index >= warmup else 0
     synchronize(device)
     stream.close()

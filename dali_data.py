@@ -28,6 +28,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import BatchSampler
 
 from datasets import (EVAL_BATCH_FACTOR, IMAGE_READ_ERRORS, SMALL_INPUT_SIZE, UnreadableImageError, build_samplers,
                       build_transform, train_drops_last)
@@ -125,11 +126,13 @@ TIMM_TO_DALI_OPS = {
 }
 
 
-def rand_augment_of(args: argparse.Namespace) -> Optional[RandAugment]:
-    """The RandAugment object in the PIL train transform the flags build (None for ``--aa none``): the same policy
-    and hyper-parameters (fill colour, ``translate_const``) on both backends."""
-    transform = build_transform(True, args)
-    return next((t for t in getattr(transform, 'transforms', []) if isinstance(t, RandAugment)), None)
+def pil_train_parts(args: argparse.Namespace) -> tuple[RandomResizedCropAndInterpolation, Optional[RandAugment]]:
+    """The random crop and the RandAugment (None for ``--aa none``) of the PIL train transform the flags build: the
+    same crop range and policy, with its hyper-parameters (fill colour, ``translate_const``), on both backends."""
+    parts = build_transform(True, args).transforms
+    crop = next(t for t in parts if isinstance(t, RandomResizedCropAndInterpolation))
+    return crop, next((t for t in parts if isinstance(t, RandAugment)), None)
+
 
 
 def check_policy(aa: str, policy: Optional[RandAugment]) -> None:
@@ -321,10 +324,10 @@ def eval_inputs(sizes: Sequence[tuple[int, int]], resize_size: int, image_size: 
     return inputs
 
 
-def unreadable_reason(path: str, data: Optional[np.ndarray]) -> Optional[str]:
-    """Why PIL cannot decode a file (what the PIL loader would fail on), or None."""
+def unreadable_reason(data: np.ndarray) -> Optional[str]:
+    """Why PIL cannot decode a file's bytes (what the PIL loader would fail on), or None."""
     try:
-        with Image.open(io.BytesIO(data.tobytes()) if data is not None else path) as image:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
             image.convert('RGB')
     except IMAGE_READ_ERRORS as err:
         return f'{type(err).__name__}: {err}'
@@ -365,13 +368,12 @@ class DaliLoader:
         self._built = None
         self._primed = False
 
-    def __len__(self) -> int:
-        count = len(self.sampler)
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+    def _batch_sampler(self) -> BatchSampler:
+        """The index batches a DataLoader with this sampler, batch size and ``drop_last`` reads."""
+        return BatchSampler(self.sampler, self.batch_size, self.drop_last)
 
-    def _epoch_batches(self) -> list[list[int]]:
-        order = list(iter(self.sampler))
-        return [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+    def __len__(self) -> int:
+        return len(self._batch_sampler())
 
     def _read(self, index: int) -> tuple[int, np.ndarray, tuple[int, int]]:
         """The sample at ``index`` or, where that file cannot be read and bad images are skipped, the next readable
@@ -413,7 +415,7 @@ class DaliLoader:
         for batch in batches:
             for index, data in zip(batch.indices, batch.encoded):
                 path = self.dataset.samples[index][0]
-                reason = unreadable_reason(path, data)
+                reason = unreadable_reason(data)
                 if reason is not None:
                     self._unreadable(path, reason)
                     found = True
@@ -449,7 +451,7 @@ class DaliLoader:
             self._built.schedule_run()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = deque(self._epoch_batches())
+        batches = deque(self._batch_sampler())
         loading: deque[Future] = deque()  # files being read, in order, ahead of the pipeline
         in_flight: deque[Batch] = deque()  # fed to the pipeline, outputs not taken yet
 
@@ -512,7 +514,7 @@ def check_dali_flags(args: argparse.Namespace) -> None:
             raise UserError('--color-jitter: with --aa none timm applies ColorJitter, which --data-backend dali does '
                             'not implement; pass --color-jitter 0 or use --data-backend pil')
     else:
-        check_policy(args.aa, rand_augment_of(args))
+        check_policy(args.aa, pil_train_parts(args)[1])
 
 
 def fill_value_of(policy: Optional[RandAugment]) -> float:
@@ -530,18 +532,17 @@ def build_dali_loaders(args: argparse.Namespace, dataset_train, dataset_val, lau
     sampler_train, sampler_val = build_samplers(args, dataset_train, dataset_val, launch)
     device_id = device.index if device.type == 'cuda' else None
     threads = max(args.num_workers, 1)
-    policy = None if args.aa in ('', 'none') else rand_augment_of(args)
+    crop, policy = pil_train_parts(args)
     fill_value = fill_value_of(policy)
     size = args.input_size
     eval_batch = int(EVAL_BATCH_FACTOR * args.batch_size)
     erasing = (RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, num_splits=0, device=device)
                if args.reprob > 0 else None)
-    scale, ratio = RandomResizedCropAndInterpolation(size).scale, RandomResizedCropAndInterpolation(size).ratio
     loader_train = DaliLoader(
         dataset_train, sampler_train, args.batch_size, train_drops_last(sampler_train, args.batch_size),
         lambda seed, depth: built(train_pipeline(args.batch_size, threads, device_id, seed, depth, size,
                                                  args.train_interpolation, policy, fill_value)),
-        lambda sizes: train_inputs(sizes, scale, ratio), device, args.skip_bad_images, after=erasing)
+        lambda sizes: train_inputs(sizes, crop.scale, crop.ratio), device, args.skip_bad_images, after=erasing)
     resize_size = int(size / args.eval_crop_ratio)
     loader_val = DaliLoader(
         dataset_val, sampler_val, eval_batch, False,

@@ -208,7 +208,7 @@ def test_rand_augment_draws_follow_timms_policy(jpegs):
     0.5 (counts within 5 sigma of the two samples' noise), magnitudes N(9, 0.5) clipped to [0, 10] (mean and std
     within 0.05; DALI rounds them to tenths), each signed op's sign negative half the time (4 sigma)."""
     args = parse(jpegs)
-    policy = dali_data.rand_augment_of(args)
+    policy = dali_data.pil_train_parts(args)[1]
     assert [op.name for op in policy.ops] == list(dali_data.TIMM_TO_DALI_OPS)[:3] + [
         'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
         'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
@@ -266,7 +266,7 @@ def test_each_rand_augment_op_matches_timms_at_a_fixed_magnitude(jpegs):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug.core import signed_bin
     args = parse(jpegs)
-    policy = dali_data.rand_augment_of(args)
+    policy = dali_data.pil_train_parts(args)[1]
     size, magnitude = 64, 9.0
     files = sorted((jpegs / 'train').rglob('*.jpg'))[:6]
     photos = [np.asarray(Image.open(f).convert('RGB').resize((size, size), Image.BICUBIC)) for f in files]
