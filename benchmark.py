@@ -26,19 +26,20 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import timm
 from torch.utils import flop_counter
-from timm.utils import random_seed
+from timm.utils import ModelEmaV2, random_seed
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
 import utils
 from datasets import IMAGENET_NUM_CLASSES, build_data_loaders, build_dataset, build_mixup
-from engine import Precision, build_optimizer, step_values_over_processes, training_step
+from engine import (Precision, Student, build_optimizer, step_values_over_processes, teacher_forward, train_step,
+                    training_step)
 from launch import LaunchEnvironment
 from losses import build_criterion
 from utils import UserError
@@ -377,6 +378,112 @@ def run(args, device: torch.device) -> dict[str, float]:
               'of the synthetic batch\'s')
         stats.update({f'data_{key}': value for key, value in loader_stats.items()}, from_files_images_per_s=from_files)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Students sharing one teacher forward (main.py --benchmark --variant ...)
+# ---------------------------------------------------------------------------------------------
+
+SHARED_PHASE = 'shared'
+TEACHER_ALONE = 'teacher'
+
+
+def separate_runs_speedup(shared_s: float, alone_s: Sequence[float], teacher_s: float) -> tuple[float, float, float]:
+    """``(R, B, t)``: the speed-up ``R`` of one shared step (the teacher's forward once, then every student) over
+    the students' separate runs (each a teacher's forward and one student: ``alone_s``); the bound ``B`` that
+    sharing the teacher's forward alone gives, ``K / (t + K (1 - t))``; and ``t``, the teacher's forward's share of
+    the separate runs' time (``K`` teacher forwards over their sum: for students of one size, the share of one
+    run's step)."""
+    k, separate = len(alone_s), sum(alone_s)
+    share = k * teacher_s / separate
+    return separate / shared_s, k / (share + k * (1 - share)), share
+
+
+def build_students(args, variants: Sequence, device: torch.device) -> tuple[list[Student], Optional[nn.Module]]:
+    """The students of ``variants`` and their one teacher (random weights without ``--teacher-path``), built as
+    training builds them (EMA included: training updates it after every step), on ``device``."""
+    random_seed(args.seed)
+    flags = [variant.args for variant in variants]
+    teacher = models.load_teacher(args, NUM_CLASSES, device, Precision.for_training(args, device).dtype, flags)
+    students = []
+    for variant in variants:
+        model = models.create_student(variant.args, teacher, NUM_CLASSES).to(device)
+        ema = ModelEmaV2(model, decay=variant.args.model_ema_decay) if variant.args.model_ema else None
+        optimizer = build_optimizer(variant.args, model, device, variant.args.lr)
+        criterion = build_criterion(variant.args)
+        if args.compile:
+            model, criterion = models.compile_student(model, criterion)
+        students.append(Student(variant.name, model, criterion, optimizer, Precision.for_training(variant.args, device),
+                                models.teacher_blocks(variant.args), variant.args.clip_grad, ema))
+    if args.compile and teacher is not None:
+        teacher = models.FrozenCompiledTeacher(teacher)
+    return students, teacher
+
+
+def time_shared_and_separate(students: Sequence[Student], teacher: Optional[nn.Module], device: torch.device,
+                             samples: torch.Tensor, targets: torch.Tensor, rounds: int,
+                             warmup: int) -> dict[str, float]:
+    """Median seconds of the shared step (``SHARED_PHASE``), of each student's separate step (its name) and of the
+    teacher's forward alone (``TEACHER_ALONE``), each step as training runs it (the step's one host sync, the EMA
+    updates). The measurements alternate within every round, so that all see the same machine."""
+    def step(chosen: Sequence[Student]) -> Callable[[], None]:
+        def run() -> None:
+            terms = train_step(chosen, teacher, samples, targets)
+            step_values_over_processes([value for t in terms for value in t.values()], False)
+            for student in chosen:
+                if student.model_ema is not None:
+                    student.model_ema.update(student.model)
+        return run
+
+    def teacher_alone() -> None:
+        with students[0].precision.autocast():
+            teacher_forward(teacher, samples)
+
+    phases = {SHARED_PHASE: step(students), **{s.name: step([s]) for s in students}, TEACHER_ALONE: teacher_alone}
+    for student in students:
+        student.model.train()
+    for run in phases.values():
+        for _ in range(warmup):
+            run()
+    seconds: dict[str, list[float]] = {phase: [] for phase in phases}
+    for _ in range(rounds):
+        for phase, run in phases.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds[phase].append(time.perf_counter() - start)
+    return {phase: statistics.median(values) for phase, values in seconds.items()}
+
+
+def run_variants(args, variants: Sequence, device: torch.device) -> dict[str, float]:
+    """``main.py --benchmark`` with ``--variant``: the students on one teacher forward against their separate runs;
+    prints student-images/s and the speed-up over separate runs with its bound from the teacher's share."""
+    if args.distillation_type == 'none' and all(v.args.distillation_type == 'none' for v in variants):
+        raise UserError('--benchmark with --variant times students sharing a teacher: give them one '
+                        '(--distillation-type soft or hard)')
+    students, teacher = build_students(args, variants, device)
+    samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    mixup_fn = build_mixup(args, NUM_CLASSES)
+    if mixup_fn is not None:
+        samples, targets = mixup_fn(samples, targets)
+    seconds = time_shared_and_separate(students, teacher, device, samples, targets, args.benchmark_steps,
+                                       args.benchmark_warmup)
+    alone = [seconds[s.name] for s in students]
+    speedup, bound, share = separate_runs_speedup(seconds[SHARED_PHASE], alone, seconds[TEACHER_ALONE])
+    print(f'Benchmark {len(students)} students <- {args.teacher_model} | device {device.type} | '
+          f'{students[0].precision.describe()} | batch {args.batch_size} | {args.input_size} px')
+    print(f'  shared step (the teacher\'s forward once, then each student): {1000 * seconds[SHARED_PHASE]:.1f} ms, '
+          f'{len(students) * args.batch_size / seconds[SHARED_PHASE]:.1f} student-images/s')
+    print('  separate runs, a step each: ' + ', '.join(
+        f'{s.name} ({s.model.default_cfg["architecture"] if hasattr(s.model, "default_cfg") else ""}) '
+        f'{1000 * seconds[s.name]:.1f} ms' for s in students)
+          + f'; {len(students) * args.batch_size / sum(alone):.1f} student-images/s')
+    print(f'  the teacher\'s forward alone: {1000 * seconds[TEACHER_ALONE]:.1f} ms')
+    print(f'speed-up over separate runs: {speedup:.2f}x (bound {bound:.2f}x from the teacher\'s share '
+          f'{100 * share:.0f}%)')
+    return {'speedup': speedup, 'bound': bound, 'teacher_share': share, **seconds}
 
 
 # ---------------------------------------------------------------------------------------------

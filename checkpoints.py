@@ -324,19 +324,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def gather_rng_states() -> list[dict]:
-    """Every rank's ``rng_state()``, in rank order (a collective: call it on all ranks)."""
+def gather_over_ranks(state: Any) -> list:
+    """Every rank's ``state``, in rank order (a collective: call it on all ranks)."""
     states: list[Any] = [None] * utils.get_world_size()
     if len(states) == 1:
-        return [rng_state()]
-    torch.distributed.all_gather_object(states, rng_state())
+        return [state]
+    torch.distributed.all_gather_object(states, state)
     return states
 
 
 def training_state(model: nn.Module, optimizer, lr_scheduler, epoch: int, model_ema, scaler,
-                   args: argparse.Namespace, max_accuracy: float) -> dict:
-    """DeiT's checkpoint layout, plus the best accuracy so far and every rank's RNG states (a resumed run then
-    draws the same data order, augmentations and drop paths). A collective: call it on all ranks."""
+                   args: argparse.Namespace, max_accuracy: float,
+                   student_stream: Optional[utils.RandomStream] = None) -> dict:
+    """DeiT's checkpoint layout, plus the best accuracy so far and every rank's RNG states: the data's stream
+    (``rng_states``) and the student's own (``student_rng_states``), so that a resumed run draws the same data order,
+    augmentations, drop paths and random tokens. A collective: call it on all ranks."""
     return {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -346,7 +348,8 @@ def training_state(model: nn.Module, optimizer, lr_scheduler, epoch: int, model_
         'scaler': scaler.state_dict(),
         'args': args,
         'max_accuracy': max_accuracy,
-        'rng_states': gather_rng_states(),
+        'rng_states': gather_over_ranks(rng_state()),
+        'student_rng_states': gather_over_ranks(student_stream.state_dict()) if student_stream is not None else None,
     }
 
 
@@ -358,9 +361,10 @@ def auto_resume_path(output_dir: Optional[pathlib.Path]) -> Optional[str]:
 
 
 def resume(path: str, model: nn.Module, training: bool, optimizer=None, lr_scheduler=None, model_ema=None,
-           scaler=None) -> tuple[int, float]:
+           scaler=None, student_stream: Optional[utils.RandomStream] = None) -> tuple[int, float]:
     """Load ``path`` into the student and, when training from a full training checkpoint, the optimizer, schedule,
-    EMA, grad scaler and RNG states. Returns ``(start_epoch, max_accuracy)``."""
+    EMA, grad scaler and RNG states (the data's and the student's own stream). Returns
+    ``(start_epoch, max_accuracy)``."""
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get('model'), dict):
         raise UserError(f'--resume {path} is not a training checkpoint: it has no "model" entry')
@@ -373,12 +377,18 @@ def resume(path: str, model: nn.Module, training: bool, optimizer=None, lr_sched
         model_ema.module.load_state_dict(clean_state_dict(checkpoint['model_ema']))
     if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
-    states = checkpoint.get('rng_states')
+    states, student_states = checkpoint.get('rng_states'), checkpoint.get('student_rng_states')
     if states and len(states) == utils.get_world_size():
         set_rng_state(states[utils.get_rank()])
     else:
         print(f'Note: {path} has no RNG states for {utils.get_world_size()} processes; '
               'the data order and augmentations continue from --seed')
+    if student_stream is not None:
+        if student_states and len(student_states) == utils.get_world_size():
+            student_stream.load_state_dict(student_states[utils.get_rank()])
+        else:
+            print(f"Note: {path} has no state of the student's random stream for {utils.get_world_size()} processes; "
+                  'its drop paths and random tokens continue from --seed')
     start_epoch = checkpoint['epoch'] + 1
     print(f'Resumed from {path} at epoch {start_epoch}')
     return start_epoch, checkpoint.get('max_accuracy', 0.0)

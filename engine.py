@@ -2,7 +2,10 @@
 the tests."""
 import contextlib
 import math
-from typing import ContextManager, Iterable, Optional
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +20,38 @@ FUSED_OPTIMIZER_DEVICES = ('cuda', 'cpu')
 FUSED_OPTIMIZERS = ('adamw', 'adam')
 
 
+@dataclass(frozen=True)
+class TeacherOutput:
+    """The frozen teacher's logits on a batch (None without a teacher) and the tokens of its captured blocks."""
+    logits: Optional[torch.Tensor] = None
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def paired_with(self, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """The tokens of the teacher blocks a student pairs with (its ``--t-id``), in that order."""
+        return [self.tokens[block] for block in blocks]
+
+
+def teacher_forward(teacher: Optional[nn.Module], samples: torch.Tensor) -> TeacherOutput:
+    """The frozen teacher on ``samples``: its logits and the tokens of every block it captures."""
+    if teacher is None:
+        return TeacherOutput()
+    # No graph for the frozen teacher, the step's largest forward. Not inference mode: the (compiled) loss saves
+    # teacher tokens for its backward, which inference tensors may not be.
+    with torch.no_grad():
+        logits = teacher(samples)
+    return TeacherOutput(logits, teacher.token_capture.pop_by_block())
+
+
+def student_losses(model: nn.Module, criterion: DistillationCriterion, samples: torch.Tensor, targets: torch.Tensor,
+                   teacher: TeacherOutput, teacher_blocks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The student on ``samples`` and every weighted term against the teacher's output (its ``teacher_blocks``
+    paired with the student's captured blocks), and their sum ``loss``."""
+    student = unwrap_model(model)
+    outputs = model(samples)
+    return criterion(outputs, targets, teacher.logits, student.token_capture.pop(), teacher.paired_with(teacher_blocks),
+                     student.projector)
+
+
 def compute_losses(
         model: nn.Module,
         teacher: Optional[nn.Module],
@@ -29,17 +64,8 @@ def compute_losses(
     ``model`` and ``teacher`` are what ``models.create_student`` and ``models.create_teacher`` build (possibly
     wrapped by DDP or torch.compile): their ``token_capture`` holds the tokens of the distilled blocks.
     """
-    student = unwrap_model(model)
-    teacher_logits, teacher_tokens = None, []
-    if teacher is not None:
-        # No graph for the frozen teacher, the step's largest forward. Not inference mode: the (compiled) loss
-        # saves teacher tokens for its backward, which inference tensors may not be.
-        with torch.no_grad():
-            teacher_logits = teacher(samples)
-        teacher_tokens = teacher.token_capture.pop()
-    outputs = model(samples)
-    return criterion(outputs, targets, teacher_logits, student.token_capture.pop(), teacher_tokens,
-                     student.projector)
+    blocks = teacher.token_capture.block_ids if teacher is not None else []
+    return student_losses(model, criterion, samples, targets, teacher_forward(teacher, samples), blocks)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,31 +142,118 @@ class Precision:
         self.scaler.update()
 
 
+@dataclass
+class Student:
+    """One student of a run: its model (possibly wrapped by DDP or torch.compile), criterion, optimizer, precision
+    (autocast and grad scaler), EMA, the teacher blocks its feature terms pair with (its ``--t-id``), and its own
+    random stream. A run trains one, or with ``--variant`` several, on one data stream and one teacher forward per
+    batch."""
+    name: str
+    model: nn.Module
+    criterion: DistillationCriterion
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    teacher_blocks: Sequence[int] = ()
+    max_norm: Optional[float] = None
+    model_ema: Any = None
+    random: Optional[utils.RandomStream] = None
+
+    def own_stream(self) -> ContextManager:
+        """The student's random stream made current (nothing to swap without one)."""
+        return self.random.active() if self.random is not None else contextlib.nullcontext()
+
+
+def student_step(student: Student, teacher: TeacherOutput, samples: torch.Tensor,
+                 targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One student's step on a batch the teacher has seen, in the student's own random stream: losses under
+    autocast, backward, optional clipping, optimizer step. Returns the terms, detached (the student's graph is
+    freed before the next student runs)."""
+    with student.own_stream():
+        with student.precision.autocast():
+            terms = student_losses(student.model, student.criterion, samples, targets, teacher, student.teacher_blocks)
+        student.optimizer.zero_grad(set_to_none=True)
+        student.precision.backward_and_step(terms['loss'], student.optimizer, student.model.parameters(),
+                                            student.max_norm)
+    return {name: value.detach() for name, value in terms.items()}
+
+
+class PhaseTimer:
+    """The time of each phase of a step (the teacher's forward, each student's step), summed: CUDA events on a GPU,
+    read once the step's host sync has passed them (no sync of their own), the host clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._marks: list = []
+
+    def mark(self, phase: Optional[str] = None) -> None:
+        """The end of ``phase`` (None: the start of the first phase)."""
+        if self.cuda:
+            point = torch.cuda.Event(enable_timing=True)
+            point.record()
+        else:
+            point = time.perf_counter()
+        self._marks.append((phase, point))
+
+    def collect(self) -> None:
+        """Add the marked phases to ``seconds``; after the step's host sync."""
+        for (_, start), (phase, end) in zip(self._marks, self._marks[1:]):
+            self.seconds[phase] += start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+        self._marks.clear()
+
+
+TEACHER_PHASE = 'teacher'
+
+
+def train_step(students: Sequence[Student], teacher: Optional[nn.Module], samples: torch.Tensor,
+               targets: torch.Tensor, timer: Optional[PhaseTimer] = None) -> list[dict[str, torch.Tensor]]:
+    """The teacher's forward, once, then every student's step on the batch, one after the other (so that one
+    student's activations are alive at a time); each student's terms. ``timer`` marks the phases."""
+    timer = timer or PhaseTimer(samples.device)
+    timer.mark()
+    # The students' precisions differ only in their grad scalers: one autocast serves the teacher.
+    with students[0].precision.autocast():
+        output = teacher_forward(teacher, samples)
+    timer.mark(TEACHER_PHASE)
+    terms = []
+    for student in students:
+        terms.append(student_step(student, output, samples, targets))
+        timer.mark(student.name)
+    return terms
+
+
+@dataclass
+class EpochResult:
+    """What ``train_one_epoch`` returns: each student's epoch averages (every term, and the last LR), the seconds of
+    each phase of the steps (``TEACHER_PHASE`` and each student's name), and whether it ended early because a
+    process was asked to stop (preemption), in which case the caller saves."""
+    stats: list[dict[str, float]]
+    seconds: dict[str, float]
+    stopped: bool
+
+
 def train_one_epoch(
-        model: nn.Module,
+        students: Sequence[Student],
         teacher: Optional[nn.Module],
-        criterion: DistillationCriterion,
         data_loader: Iterable,
-        optimizer: torch.optim.Optimizer,
         device: torch.device,
         epoch: int,
-        precision: Precision,
-        max_norm: Optional[float] = None,
-        model_ema=None,
         mixup_fn=None,
         set_training_mode: bool = True,
         print_freq: int = 10,
         stop: Optional['StopSignal'] = None,
-) -> tuple[dict[str, float], bool]:
-    """One epoch of distillation; returns the epoch's average of every loss term and the last LR, and whether it
-    ended early because a process was asked to stop (``stop``, polled after every step: preemption), in which case
-    the caller saves.
-    """
+) -> EpochResult:
+    """One epoch of distillation of every student on one data stream, ``stop`` polled after every step."""
     stop = stop or StopSignal()
-    model.train(set_training_mode)
+    for student in students:
+        student.model.train(set_training_mode)
+    # Several students' meters are told apart by a "name/" prefix; one student's keep DeiT's names.
+    prefixes = [f'{student.name}/' if len(students) > 1 else '' for student in students]
     metric_logger = utils.MetricLogger(delimiter='  ')
-    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    for prefix in prefixes:
+        metric_logger.add_meter(f'{prefix}lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
+    timer = PhaseTimer(device)
     stopping = 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         samples = samples.to(device, non_blocking=True)
@@ -149,23 +262,29 @@ def train_one_epoch(
             samples, targets = mixup_fn(samples, targets)
 
         with stop.waiting_on_peers():
-            terms = training_step(model, teacher, criterion, optimizer, precision, samples, targets, max_norm)
-            names = list(terms)
-            *values, stopping = step_values_over_processes(terms.values(), stop.requested())
-        # A non-finite loss on any process stops every process at this step, before anything is saved from it.
-        if not math.isfinite(values[names.index('loss')]):
-            detail = ', '.join(f'{k}={v:.6g}' for k, v in zip(names, values))
-            raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {step}: {detail}')
-        if model_ema is not None:
-            model_ema.update(model)
-
-        metric_logger.update(**dict(zip(names, values)))
-        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+            terms = train_step(students, teacher, samples, targets, timer)
+            *values, stopping = step_values_over_processes([v for t in terms for v in t.values()], stop.requested())
+        timer.collect()
+        for student, student_terms, prefix in zip(students, terms, prefixes):
+            named = dict(zip(student_terms, values[:len(student_terms)]))
+            values = values[len(student_terms):]
+            # A non-finite loss on any process stops every process at this step, before anything is saved from it.
+            if not math.isfinite(named['loss']):
+                detail = ', '.join(f'{k}={v:.6g}' for k, v in named.items())
+                who = f'student {student.name}: ' if prefix else ''
+                raise NonFiniteLossError(f'{who}non-finite loss at epoch {epoch}, step {step}: {detail}')
+            if student.model_ema is not None:
+                student.model_ema.update(student.model)
+            metric_logger.update(**{prefix + k: v for k, v in named.items()})
+            metric_logger.update(**{f'{prefix}lr': student.optimizer.param_groups[0]['lr']})
         if stopping:
             break
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, bool(stopping)
+    averages = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = [{k.removeprefix(prefix): v for k, v in averages.items() if k.startswith(prefix)
+              and (prefix or '/' not in k)} for prefix in prefixes]
+    return EpochResult(stats, dict(timer.seconds), bool(stopping))
 
 
 def step_values_over_processes(terms: Iterable[torch.Tensor], stop_requested: bool) -> list[float]:
@@ -197,30 +316,46 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     """Top-1/top-5 accuracy and cross-entropy in ``precision`` (float32 without one); exact under distributed
     evaluation (sums, then one all-reduce). The sums stay on the device until the end: no host sync and no
     host-to-device copy per batch."""
-    model.eval()
+    return evaluate_students(data_loader, [model], device, precision, print_freq)[0]
+
+
+@torch.no_grad()
+def evaluate_students(data_loader: Iterable, models: Sequence[nn.Module], device: torch.device,
+                      precision: Optional[Precision] = None, print_freq: int = 10,
+                      names: Sequence[str] = ()) -> list[dict[str, float]]:
+    """``evaluate`` of several models in one pass over the data (each batch read once); DeiT's line per model,
+    after ``[name]`` where ``names`` are given."""
+    for model in models:
+        model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ')
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    # Per model: loss, top-1 hits, top-5 hits.
+    sums = torch.zeros(len(models), 3, dtype=torch.float64, device=device)
     images = 0
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     for samples, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         samples = samples.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with autocast:
-            output = model(samples)
-        output = output.float()
-        top5 = output.topk(min(TOP_K, output.shape[1]), dim=1).indices
-        hits = top5.eq(target[:, None])
-        sums += torch.stack([nn.functional.cross_entropy(output, target, reduction='sum'),
-                             hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+        for index, model in enumerate(models):
+            with autocast:
+                output = model(samples)
+            output = output.float()
+            top5 = output.topk(min(TOP_K, output.shape[1]), dim=1).indices
+            hits = top5.eq(target[:, None])
+            sums[index] += torch.stack([nn.functional.cross_entropy(output, target, reduction='sum'),
+                                        hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
         images += len(target)
-    totals = torch.cat([sums, sums.new_tensor([images])])
+    totals = torch.cat([sums.flatten(), sums.new_tensor([images])])
     if utils.is_dist_avail_and_initialized():
         torch.distributed.all_reduce(totals)
-    loss_sum, top1, top5, count = totals.tolist()
+    *values, count = totals.tolist()
     count = max(count, 1.0)
-    stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count}
-    print('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
-    return stats
+    results = []
+    for index, name in enumerate(names or [''] * len(models)):
+        loss_sum, top1, top5 = values[3 * index:3 * index + 3]
+        stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count}
+        print((f'[{name}] ' if name else '') + '* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
+        results.append(stats)
+    return results
 
 
 def build_optimizer(args, model: nn.Module, device: torch.device, lr: float) -> torch.optim.Optimizer:
@@ -231,9 +366,7 @@ def build_optimizer(args, model: nn.Module, device: torch.device, lr: float) -> 
 
 def training_step(model, teacher, criterion, optimizer, precision: Precision, samples, targets,
                   max_norm: Optional[float] = None) -> dict[str, torch.Tensor]:
-    """The step of ``train_one_epoch``: losses under autocast, backward, optional clipping, optimizer step."""
-    with precision.autocast():
-        terms = compute_losses(model, teacher, criterion, samples, targets)
-    optimizer.zero_grad(set_to_none=True)
-    precision.backward_and_step(terms['loss'], optimizer, model.parameters(), max_norm)
-    return terms
+    """One student's ``train_step`` (the teacher's forward and the student's step), built from its parts."""
+    blocks = teacher.token_capture.block_ids if teacher is not None else ()
+    student = Student('', model, criterion, optimizer, precision, blocks, max_norm)
+    return train_step([student], teacher, samples, targets)[0]

@@ -6,7 +6,6 @@ work starts) and wires the data, models, criterion and loops together; the loops
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import signal
@@ -14,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -21,23 +21,24 @@ import torch
 from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
 from timm.optim import get_optimizer_info
-from timm.scheduler import create_scheduler, create_scheduler_v2
-from timm.utils import ModelEmaV2, random_seed
+from timm.scheduler import create_scheduler_v2
+from timm.utils import random_seed
 
 import benchmark
 import checkpoints
 import utils
 from dali_data import check_dali_flags
 from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_data_loaders, build_dataset, build_mixup
-from engine import NonFiniteLossError, Precision, StopSignal, build_optimizer, evaluate, train_one_epoch
+from checkpoints import CHECKPOINT_NAME
+from engine import NonFiniteLossError, Precision, StopSignal, evaluate_students, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
-from losses import build_criterion, feature_distillation
-from models import (check_timm_weights, check_token_shapes, compile_models, create_student, load_teacher,
+from losses import feature_distillation
+from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes, load_teacher,
                     no_token_capture, timm_weights_overlay, token_width)
+from students import Variant, build_student, parse_variants, resume_students, write_variants_table
 from utils import UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
-LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
 LOOKAHEAD_PREFIX = 'lookahead_'  # timm's optimizer factory wraps 'lookahead_<name>' in Lookahead
 NO_AUGMENTATION = ('', 'none')
 DATA_BACKENDS = ('pil', 'dali')
@@ -317,28 +318,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='rendezvous port when MASTER_PORT is unset (SLURM; default: derived from SLURM_JOB_ID)')
     group.add_argument('--dist-timeout', default=30, type=POSITIVE, help='process-group timeout in minutes')
     group.add_argument('--local_rank', '--local-rank', default=0, type=NON_NEGATIVE_INT)
+
+    group = parser.add_argument_group('Student variants (one teacher forward, several students)')
+    group.add_argument('--variant', action='append', default=None, metavar="'NAME: <flags>'",
+                       help='one more student: the base command with <flags> on top (model, drop path, loss terms, '
+                            'optimizer and LR, EMA, seed); repeatable. Each student writes a run to '
+                            '<output_dir>/<NAME>/ (the base command\'s is "base"), and <output_dir>/variants.md '
+                            'compares them')
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """What no single flag's type can see, checked before any data, model or file is touched (one line, naming the
-    flag). The output folder is created last, once everything else has passed."""
+def check_student_args(args: argparse.Namespace) -> None:
+    """What a student's own flags must satisfy together (its model, its terms, the teacher they read), checked
+    before any data, model or file is touched: for the base command and for every ``--variant``."""
     if args.s_id is not None or args.t_id is not None:
         if not args.s_id or not args.t_id:
             raise UserError('--s-id and --t-id must be given together')
         if len(args.s_id) != len(args.t_id):
             raise UserError(f'--s-id has {len(args.s_id)} blocks but --t-id has {len(args.t_id)}: they are paired')
-    launched = launch_environment()
-    if args.world_size is not None and args.world_size != launched.world_size:
-        raise UserError(f'--world_size {args.world_size}: the launcher started {launched.world_size} processes')
-    if args.papers and not args.benchmark:
-        raise UserError('--papers is a mode of --benchmark: add --benchmark')
-    if args.benchmark and launched.distributed:
-        raise UserError(f'--benchmark times the step of one process, on one device: run it without {launched.launcher} '
-                        '(a GPU of your choice with --device cuda:N)')
-    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device}: CUDA is not available on this machine (use --device cpu)')
+    check_model_name(args.model, '--model')
     trains_with_teacher = not args.eval and args.distillation_type != 'none'
+    if trains_with_teacher:
+        check_model_name(args.teacher_model, '--teacher-model')
     if trains_with_teacher and (args.teacher_path or not args.benchmark):
         if not args.teacher_path:
             raise UserError('--teacher-path is required when --distillation-type is not none')
@@ -347,9 +348,6 @@ def check_args(args: argparse.Namespace) -> None:
         elif not args.teacher_path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path}: no such file (timm or hf-hub:<repo> take timm\'s '
                             'pretrained weights)')
-    for flag, path in (('--resume', args.resume), ('--finetune', args.finetune)):
-        if path and not path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(path):
-            raise UserError(f'{flag} {path}: no such file')
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         raise UserError('--finetune with distillation is not supported (as in DeiT): drop one of them')
     if trains_with_teacher and args.dim_t is not None:
@@ -360,8 +358,32 @@ def check_args(args: argparse.Namespace) -> None:
     if trains_with_teacher and feature_distillation(args):
         # The block ranges, token counts and widths need only the architectures: meta-device models, no weights.
         check_token_shapes(args, num_classes=1)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What no single flag's type can see, checked before any data, model or file is touched (one line, naming the
+    flag): the run's and the base student's (``check_student_args``)."""
+    launched = launch_environment()
+    if args.world_size is not None and args.world_size != launched.world_size:
+        raise UserError(f'--world_size {args.world_size}: the launcher started {launched.world_size} processes')
+    if args.papers and not args.benchmark:
+        raise UserError('--papers is a mode of --benchmark: add --benchmark')
+    if args.benchmark and launched.distributed:
+        raise UserError(f'--benchmark times the step of one process, on one device: run it without {launched.launcher} '
+                        '(a GPU of your choice with --device cuda:N)')
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device}: CUDA is not available on this machine (use --device cpu)')
+    for flag, path in (('--resume', args.resume), ('--finetune', args.finetune)):
+        if path and not path.startswith(checkpoints.URL_SCHEMES) and not os.path.isfile(path):
+            raise UserError(f'{flag} {path}: no such file')
+    check_student_args(args)
     if args.data_backend == 'dali':
         check_dali_flags(args)
+
+
+def prepare_output_dir(args: argparse.Namespace) -> None:
+    """Create ``--output_dir`` (training and evaluation; the benchmark writes nothing), once every check has passed,
+    and make sure it can be written."""
     if args.output_dir and not args.benchmark:
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -375,11 +397,6 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # Builders: each returns what it makes, from the flags and the values it is given
 # ---------------------------------------------------------------------------------------------
-
-def scaled_lr(args, world_size: int) -> float:
-    """DeiT's linear scaling of ``--lr`` with the global batch (``--unscale-lr`` keeps it as given)."""
-    return args.lr if args.unscale_lr else args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-
 
 def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
     """This process's place in the job and its device; joins the process group when launched as several."""
@@ -471,7 +488,8 @@ class PreemptionFlag(StopSignal):
 
 
 def make_tensorboard_writer(args):
-    """A TensorBoard writer under ``--log-dir/--exp-name`` on the main process, when asked for."""
+    """A TensorBoard writer under ``--log-dir/--exp-name`` on the main process, when asked for (a student of a run
+    with variants: ``--exp-name/<NAME>``)."""
     if not args.log_dir or not utils.is_main_process():
         return None
     try:
@@ -485,17 +503,22 @@ def make_tensorboard_writer(args):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.device) -> int:
+def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnvironment, device: torch.device) -> int:
+    """Train (or with ``--eval`` evaluate) the students of ``variants``: the base command's, and with ``--variant``
+    more, on one data stream and one teacher forward per batch."""
     if device.type == 'cpu':
         utils.retain_freed_memory()
     if args.benchmark:
         if args.papers:
             return benchmark.run_papers(args, command_line_parser(), check_args)
-        benchmark.run(args, device)
+        if len(variants) > 1:
+            benchmark.run_variants(args, variants, device)
+        else:
+            benchmark.run(args, device)
         return 0
     # Made first so that a missing optional dependency stops the run before data and models are built.
-    writer = None if args.eval else make_tensorboard_writer(args)
-    random_seed(args.seed, launch.rank)  # Python's, numpy's and torch's RNGs
+    writers = [None if args.eval else make_tensorboard_writer(variant.args) for variant in variants]
+    random_seed(args.seed, launch.rank)  # Python's, numpy's and torch's RNGs: the data's stream
     torch.backends.cudnn.benchmark = True
 
     try:
@@ -511,107 +534,63 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     if not args.eval:
         print(f'Training precision: {precision.describe()}')
     print(f'Evaluation precision: {eval_precision.describe()}')
-    teacher = None if args.eval else load_teacher(args, num_classes, device, precision.dtype)
-    print(f'Creating model: {args.model}')
-    model = create_student(args, teacher, num_classes)
-    if args.finetune:
-        checkpoints.load_finetune(model, args.finetune)
-        if args.attn_only:
-            for name, param in model.named_parameters():
-                param.requires_grad = '.attn.' in name or name.startswith(('head', 'pos_embed', 'cls_token',
-                                                                            'dist_token'))
-    model.to(device)
+    # The teacher's (discarded) random initialisation draws nothing from the data's stream: with a teacher or
+    # without, for any variants, the data are those of the base command run alone.
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        teacher = None if args.eval else load_teacher(args, num_classes, device, precision.dtype,
+                                                      [variant.args for variant in variants])
+    if teacher is not None and args.compile:
+        teacher = FrozenCompiledTeacher(teacher)
+    runs = [build_student(variant, teacher, num_classes, launch, device, writer)
+            for variant, writer in zip(variants, writers)]
+    start_epoch = resume_students(runs, args.resume, args.auto_resume, not args.eval) or args.start_epoch
 
-    model_without_ddp = model
-    if launch.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-    # After DDP has broadcast rank 0's weights, so that every rank's EMA starts from the same model.
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
-    criterion = build_criterion(args)
-    if args.compile:
-        model, teacher, criterion = compile_models(model, teacher, criterion)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print('number of params:', n_parameters)
-
-    optimizer = build_optimizer(args, model_without_ddp, device, scaled_lr(args, launch.world_size))
-    lr_scheduler, _ = create_scheduler(args, optimizer)
-
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    resume_path = args.resume
-    if not resume_path and args.auto_resume and not args.eval:
-        resume_path = checkpoints.auto_resume_path(output_dir)
-        if resume_path:
-            print(f'Auto-resume: continuing from {resume_path} (--no-auto-resume starts afresh)')
-    start_epoch, max_accuracy = args.start_epoch, 0.0
-    if resume_path:
-        resumed_epoch, max_accuracy = checkpoints.resume(resume_path, model_without_ddp, not args.eval, optimizer,
-                                                         lr_scheduler, model_ema, precision.scaler)
-        start_epoch = resumed_epoch or start_epoch
-
-    def run_evaluation() -> dict[str, float]:
-        with no_token_capture(model_without_ddp):
-            stats = evaluate(loader_val, model, device, eval_precision, args.print_freq)
-        print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
+    def run_evaluation() -> list[dict[str, float]]:
+        with no_token_capture(*(run.model_without_ddp for run in runs)):
+            stats = evaluate_students(loader_val, [run.student.model for run in runs], device, eval_precision,
+                                      args.print_freq, [run.variant.name for run in runs] if len(runs) > 1 else ())
+        for run, student_stats in zip(runs, stats):
+            print(f'Accuracy of the network{run.variant.label} on the {len(dataset_val)} test images: '
+                  f'{student_stats["acc1"]:.1f}%')
         return stats
 
     if args.eval:
         run_evaluation()
         return 0
 
-    def save(epoch: int, path: Path) -> None:
-        checkpoints.save_on_master(checkpoints.training_state(
-            model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, precision.scaler, args, max_accuracy), path)
-
     preempted = PreemptionFlag(launch.distributed)
     # Everything built so far (torch's, timm's and dynamo's modules, the models) lives as long as the process: frozen
     # out of the garbage collector's way, a full collection no longer walks it, nor does the interpreter's last one
     # at exit (1.1 of the 1.3 s a finished run took to exit).
     gc.freeze()
-    last_checkpoint = output_dir / checkpoints.CHECKPOINT_NAME if output_dir else None
-    print(f'Start training for {args.epochs} epochs')
+    step_seconds: dict[str, float] = defaultdict(float)
+    print(f'Start training for {args.epochs} epochs' + (f' of {len(runs)} students' if len(runs) > 1 else ''))
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         if hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        train_stats, stopped = train_one_epoch(
-            model, teacher, criterion, loader_train, optimizer, device, epoch, precision,
-            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            set_training_mode=args.train_mode and not args.finetune, print_freq=args.print_freq,
-            stop=preempted,
-        )
-        if stopped:
+        result = train_one_epoch(
+            [run.student for run in runs], teacher, loader_train, device, epoch, mixup_fn=mixup_fn,
+            set_training_mode=args.train_mode and not args.finetune, print_freq=args.print_freq, stop=preempted)
+        if result.stopped:
             # The interrupted epoch is repeated on restart; its partial progress is kept in the weights.
-            if last_checkpoint:
-                save(epoch - 1, last_checkpoint)
-                sys.stderr.write(f'Preempted: saved {last_checkpoint}; exiting with code {EXIT_REQUEUE} '
-                                 'to be requeued\n')
+            if args.output_dir:
+                for run in runs:
+                    run.save(epoch - 1)
+                saved = runs[0].checkpoint_path if len(runs) == 1 else f'{args.output_dir}/<NAME>/{CHECKPOINT_NAME}'
+                sys.stderr.write(f'Preempted: saved {saved}; exiting with code {EXIT_REQUEUE} to be requeued\n')
             return EXIT_REQUEUE
-        # As DeiT (and so the papers' runs): the schedule is stepped with the finished epoch's index.
-        lr_scheduler.step(epoch)
-        test_stats = run_evaluation()
-        is_best = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-        if output_dir:
-            save(epoch, last_checkpoint)
-            if is_best:
-                checkpoints.keep_copy_on_master(last_checkpoint, output_dir / checkpoints.BEST_CHECKPOINT_NAME)
-
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
-        if output_dir and utils.is_main_process():
-            with (output_dir / 'log.txt').open('a') as f:
-                f.write(json.dumps(log_stats) + '\n')
-        if writer is not None:
-            for key, value in log_stats.items():
-                writer.add_scalar(key, value, epoch)
-    if writer is not None:
-        writer.close()
+        for phase, seconds in result.seconds.items():
+            step_seconds[phase] += seconds
+        for run in runs:
+            # As DeiT (and so the papers' runs): the schedule is stepped with the finished epoch's index.
+            run.lr_scheduler.step(epoch)
+        for run, train_stats, test_stats in zip(runs, result.stats, run_evaluation()):
+            run.finish_epoch(epoch, train_stats, test_stats)
+        write_variants_table(args.output_dir, runs, epoch + 1, step_seconds)
+    for run in runs:
+        if run.writer is not None:
+            run.writer.close()
     print(f'Training time {utils.format_seconds(time.time() - start_time)}')
     return 0
 
@@ -635,9 +614,12 @@ def run(argv=None) -> int:
         args = parser.parse_args(argv)
         timeout = args.dist_timeout
         check_args(args)
+        variants = parse_variants(parser, args, check_student_args)
+        for flags in [args, *(variant.args for variant in variants if variant.among_variants)]:
+            prepare_output_dir(flags)
         launch, device = join_launch(args)
         print(args)
-        return main(args, launch, device)
+        return main(args, variants, launch, device)
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         sys.stderr.write(f'error: {err}\n')
         return EXIT_USER_ERROR

@@ -60,11 +60,16 @@ class TokenCapture:
 
     def pop(self) -> list[torch.Tensor]:
         """The captured tokens of the last forward, one ``[B, N, D]`` tensor per requested block id."""
-        missing = [i for i in self.block_ids if i not in self._tokens]
+        tokens = self.pop_by_block()
+        return [tokens[i] for i in self.block_ids]
+
+    def pop_by_block(self) -> dict[int, torch.Tensor]:
+        """The captured tokens of the last forward by block id (a teacher shared by students that pair different
+        blocks: each takes its own)."""
+        missing = sorted(set(self.block_ids) - self._tokens.keys())
         if missing:
             raise RuntimeError(f'no tokens were captured for blocks {missing}: run the model forward first')
-        tokens = [self._tokens[i] for i in self.block_ids]
-        self._tokens.clear()
+        tokens, self._tokens = self._tokens, {}
         return tokens
 
     @contextlib.contextmanager
@@ -331,11 +336,11 @@ def timm_weights_file(cfg: PretrainedCfg) -> Optional[str]:
     return None
 
 
-def create_teacher(args, num_classes: Optional[int] = None) -> Teacher:
+def create_teacher(args, num_classes: Optional[int] = None, block_ids: Optional[Sequence[int]] = None) -> Teacher:
     """The frozen teacher (``--teacher-model``) with weights from ``--teacher-path`` (a file, a URL, or timm's
-    pretrained weights), in eval mode, capturing the ``--t-id`` blocks, fed the student's images in its own
-    normalisation. Teachers classify from [CLS] (no ``global_pool='avg'``). ``num_classes`` defaults to
-    ``args.nb_classes``."""
+    pretrained weights), in eval mode, capturing the ``--t-id`` blocks (or ``block_ids``: those of several
+    students), fed the student's images in its own normalisation. Teachers classify from [CLS] (no
+    ``global_pool='avg'``). ``num_classes`` defaults to ``args.nb_classes``."""
     if not args.teacher_path:
         raise UserError('--teacher-path is required when --distillation-type is not none')
     num_classes = args.nb_classes if num_classes is None else num_classes
@@ -348,22 +353,28 @@ def create_teacher(args, num_classes: Optional[int] = None) -> Teacher:
                             **teacher_size_kwargs(name, args.input_size))
         checkpoints.load_teacher_weights(model, state_dict, args.teacher_path,
                                          f'--teacher-model {args.teacher_model}')
-    return freeze_teacher(model, args)
+    return freeze_teacher(model, args, block_ids)
 
 
-def random_teacher(args, num_classes: int, image_size: Optional[tuple[int, int]] = None) -> Teacher:
+def random_teacher(args, num_classes: int, image_size: Optional[tuple[int, int]] = None,
+                   block_ids: Optional[Sequence[int]] = None) -> Teacher:
     """A teacher of the ``--teacher-model`` architecture with random weights (speed does not depend on them), for
     images of ``image_size`` (default ``--input-size``)."""
     size = image_size or args.input_size
     return freeze_teacher(build_model(args.teacher_model, '--teacher-model', num_classes=num_classes,
-                                      **teacher_size_kwargs(args.teacher_model, size)), args)
+                                      **teacher_size_kwargs(args.teacher_model, size)), args, block_ids)
 
 
-def freeze_teacher(model: nn.Module, args) -> Teacher:
-    """Eval mode, no gradients, hooks on the ``--t-id`` blocks, and the map from the student's normalisation
-    (ImageNet's, as ``datasets.py`` normalises) to the teacher's."""
+def teacher_blocks(args) -> list[int]:
+    """The teacher blocks a student's feature terms pair with (``--t-id``; none without feature distillation)."""
+    return list(args.t_id) if feature_distillation(args) else []
+
+
+def freeze_teacher(model: nn.Module, args, block_ids: Optional[Sequence[int]] = None) -> Teacher:
+    """Eval mode, no gradients, hooks on the ``--t-id`` blocks (or ``block_ids``), and the map from the student's
+    normalisation (ImageNet's, as ``datasets.py`` normalises) to the teacher's."""
     model.eval().requires_grad_(False)
-    attach_token_capture(model, args.t_id if feature_distillation(args) else [], '--t-id')
+    attach_token_capture(model, teacher_blocks(args) if block_ids is None else block_ids, '--t-id')
     return Teacher(model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).eval()
 
 
@@ -451,26 +462,35 @@ def check_token_shapes(args, num_classes: int) -> None:
                         f'{" and ".join(layout_differences(layout_s, layout_t))} differ; {"; ".join(needs)}')
 
 
-def load_teacher(args, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[Teacher]:
-    """The frozen teacher on ``device`` (None without distillation), its matmul weights stored in the autocast
-    ``dtype``. Without ``--teacher-path`` (allowed for ``--benchmark`` only) its weights stay random: speed does not
-    depend on them."""
-    if args.distillation_type == 'none':
+def load_teacher(args, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 students: Optional[Sequence] = None) -> Optional[Teacher]:
+    """The frozen teacher on ``device`` for the students whose flags are ``students`` (default: ``args``'s alone;
+    None when none distils), capturing the blocks any of them pairs with, its matmul weights stored in the
+    autocast ``dtype``. Without ``--teacher-path`` (allowed for ``--benchmark`` only) its weights stay random:
+    speed does not depend on them."""
+    students = [args] if students is None else students
+    if all(student.distillation_type == 'none' for student in students):
         return None
+    blocks = sorted({block for student in students for block in teacher_blocks(student)})
     print(f'Creating teacher model: {args.teacher_model}')
     if args.teacher_path:
-        teacher = create_teacher(args, num_classes)
+        teacher = create_teacher(args, num_classes, blocks)
     else:
         print('No --teacher-path: the teacher keeps random weights (for the benchmark)')
-        teacher = random_teacher(args, num_classes)
+        teacher = random_teacher(args, num_classes, block_ids=blocks)
     teacher.to(device)
     if dtype != torch.float32:
         store_matmul_weights_in(teacher, dtype)
     return teacher
 
 
+def compile_student(model: nn.Module, criterion: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``torch.compile`` the student (token hooks traced with it) and its criterion (the loss terms'
+    normalisations and copies fused)."""
+    return torch.compile(model), torch.compile(criterion)
+
+
 def compile_models(model: nn.Module, teacher: Optional[nn.Module], criterion: nn.Module) -> tuple:
-    """``torch.compile`` the student (token hooks traced with it), the teacher with its weights frozen, and the
-    criterion (the loss terms' normalisations and copies fused)."""
-    return (torch.compile(model), FrozenCompiledTeacher(teacher) if teacher is not None else None,
-            torch.compile(criterion))
+    """``compile_student``, and the teacher with its weights frozen (``FrozenCompiledTeacher``)."""
+    model, criterion = compile_student(model, criterion)
+    return model, FrozenCompiledTeacher(teacher) if teacher is not None else None, criterion

@@ -3,6 +3,7 @@
 Checkpoint reading and writing live in checkpoints.py, the launcher's environment in launch.py.
 """
 import builtins
+import contextlib
 import ctypes
 import datetime
 import time
@@ -93,6 +94,57 @@ def leave_distributed() -> None:
     operations may be lost."""
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams
+# ---------------------------------------------------------------------------------------------
+
+# numpy's SeedSequence spawn key of a student's stream: independent of the data's stream, which the seed itself
+# starts (timm's random_seed).
+STUDENT_STREAM_KEY = 1
+
+
+class RandomStream:
+    """A stream of torch's random numbers of its own (the CPU generator's and ``device``'s CUDA generator's states):
+    ``active()`` swaps it in around its owner's work and the surrounding stream back after it. A student draws its
+    initialisation, drop paths and random tokens in its own stream, so that they neither shift the data's stream
+    (sampling, augmentation, mixup) nor another student's: every student of a run draws what it would draw alone."""
+
+    def __init__(self, seed: int, rank: int, device: torch.device):
+        seed = int(np.random.SeedSequence(seed, spawn_key=(STUDENT_STREAM_KEY, rank)).generate_state(1, np.uint64)[0])
+        self.device = device if device.type == 'cuda' else None
+        self._state = {'cpu': torch.Generator().manual_seed(seed).get_state(),
+                       'cuda': (torch.Generator(device=self.device).manual_seed(seed).get_state()
+                                if self.device is not None else None)}
+
+    def _current(self) -> dict:
+        return {'cpu': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state(self.device) if self.device is not None else None}
+
+    def _install(self, state: dict) -> None:
+        torch.set_rng_state(state['cpu'])
+        if self.device is not None:
+            torch.cuda.set_rng_state(state['cuda'], self.device)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        outer = self._current()
+        self._install(self._state)
+        try:
+            yield
+        finally:
+            self._state = self._current()
+            self._install(outer)
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """A state ``state_dict`` returned; a CUDA state is taken only where this stream has a CUDA device."""
+        self._state = {'cpu': state['cpu'], 'cuda': state['cuda'] if self.device is not None else None}
+        if self.device is not None and state['cuda'] is None:
+            self._state['cuda'] = torch.cuda.get_rng_state(self.device)
 
 
 # ---------------------------------------------------------------------------------------------

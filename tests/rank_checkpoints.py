@@ -32,13 +32,12 @@ def save_on_every_rank(state: dict, path) -> None:
     save_on_master(state, path)
 
 
-def logging_train_one_epoch(model, teacher, criterion, data_loader, optimizer, device, epoch: int,
-                            *args, **kwargs) -> dict:
+def logging_train_one_epoch(students, teacher, data_loader, device, epoch: int, *args, **kwargs):
     """``engine.train_one_epoch`` after noting what the sampler deals this rank (drawing no random numbers)."""
     sampler = data_loader.sampler
     sampler_log.append({'epoch': epoch, 'sampler_epoch': getattr(sampler, 'epoch', None),
                         'indices': list(sampler)})
-    return train_one_epoch(model, teacher, criterion, data_loader, optimizer, device, epoch, *args, **kwargs)
+    return train_one_epoch(students, teacher, data_loader, device, epoch, *args, **kwargs)
 
 
 if __name__ == '__main__':

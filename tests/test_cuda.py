@@ -376,10 +376,11 @@ def test_pinned_loader_with_workers_feeds_a_step(device, small_data):
     torch.manual_seed(0)
     teacher = models.random_teacher(args, num_classes).to(device)
     student = models.create_student(args, teacher, num_classes).to(device)
-    stats = engine.train_one_epoch(student, teacher, build_criterion(args), loader,
-                                   engine.build_optimizer(args, student, device, args.lr), device, 0,
-                                   engine.Precision.for_training(args, device), mixup_fn=datasets.build_mixup(args, num_classes))
-    assert math.isfinite(stats['loss'])
+    trained = engine.Student('', student, build_criterion(args), engine.build_optimizer(args, student, device, args.lr),
+                             engine.Precision.for_training(args, device), models.teacher_blocks(args))
+    result = engine.train_one_epoch([trained], teacher, loader, device, 0,
+                                    mixup_fn=datasets.build_mixup(args, num_classes))
+    assert math.isfinite(result.stats[0]['loss'])
 
 
 @pytest.mark.parametrize('configuration', PAPER_CONFIGURATIONS, ids=['clskd-tiny', 'clskd-small', 'manifold'])

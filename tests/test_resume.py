@@ -83,7 +83,7 @@ def stop_at(monkeypatch, epoch: int, action) -> None:
     train_one_epoch = main.train_one_epoch
 
     def wrapped(*args, **kwargs):
-        if args[6] == epoch:
+        if args[4] == epoch:
             action()
         return train_one_epoch(*args, **kwargs)
 
@@ -175,12 +175,12 @@ def test_best_checkpoint_follows_test_acc1(data, tmp_path, monkeypatch):
     """checkpoint_best.pth is the epoch with the highest Acc@1, also across a restart."""
     out = tmp_path / 'run'
     accuracies = iter([10.0, 30.0, 20.0, 25.0])
-    evaluate = main.evaluate
+    evaluate_students = main.evaluate_students
 
-    def scripted_evaluate(*args, **kwargs) -> dict:
-        return {**evaluate(*args, **kwargs), 'acc1': next(accuracies)}
+    def scripted_evaluate(*args, **kwargs) -> list[dict]:
+        return [{**stats, 'acc1': next(accuracies)} for stats in evaluate_students(*args, **kwargs)]
 
-    monkeypatch.setattr(main, 'evaluate', scripted_evaluate)
+    monkeypatch.setattr(main, 'evaluate_students', scripted_evaluate)
     argv = train_argv(data, out, '--no-model-ema', '--distillation-type', 'none', '--epochs')
     assert main.run(argv + ['3']) == 0
     best, last = load(out / checkpoints.BEST_CHECKPOINT_NAME), load(out / checkpoints.CHECKPOINT_NAME)
