@@ -24,9 +24,9 @@ import engine
 import main
 import models
 from benchmark import NUM_CLASSES, PAPER_CONFIGURATIONS, PaperConfiguration
-from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, assert_ranks_in_sync, assert_same_tensors,  # noqa: F401
-                     check_compiled_matches_eager, free_port, keep_signal_handlers, launch, make_shapes, rank_states,
-                     run_main, save_teacher, torchrun)
+from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, SHORT_DIST_TIMEOUT, assert_ranks_in_sync,  # noqa: F401
+                     assert_same_tensors, check_compiled_matches_eager, free_port, keep_signal_handlers, launch,
+                     make_shapes, rank_states, run_main, save_teacher, torchrun)
 from launch import LaunchEnvironment
 from test_golden import CASES as GOLDEN_CASES, TERM_RTOL as GOLDEN_TERM_RTOL
 from test_golden import build_case as build_golden_case, seeded_batch as golden_batch
@@ -109,7 +109,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def small_run(device: torch.device) -> list[str]:
-    return ['--input-size', str(SMALL_IMAGE_SIZE), '--num_workers', '0', '--device', device.type, '--print-freq', '1']
+    return ['--input-size', str(SMALL_IMAGE_SIZE), '--num_workers', '0', '--device', device.type, '--print-freq', '1',
+            *SHORT_DIST_TIMEOUT]
 
 
 @pytest.fixture(scope='module')

@@ -1,10 +1,12 @@
 """Faults injected into real runs: a NaN teacher, preemption signals, a dead rank. Nothing saved may be lost."""
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 import timm
@@ -12,7 +14,7 @@ import torch
 
 import main
 import checkpoints
-from helpers import REPO, make_shapes, run_main, save_teacher
+from helpers import SHORT_DIST_TIMEOUT, Launch, make_shapes, run_main, save_teacher
 
 TINY = ['--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--num_workers', '0', '--input-size', '32',
         '--batch-size', '4', '--no-model-ema', '--print-freq', '1']
@@ -46,9 +48,10 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_checkpoint(shapes, 
     assert checkpoints.load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
 
 
-def start_training(argv, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, 'main.py', *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+def start_training(argv, env=None, code: Optional[str] = None) -> Launch:
+    """``python main.py ARGV`` (or ``python -c CODE ARGV``), its output merged into ``stdout``."""
+    program = ['-c', code] if code else ['main.py']
+    return Launch([sys.executable, *program, *argv], env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_line(process: subprocess.Popen, fragment: str) -> list[str]:
@@ -69,10 +72,10 @@ def wait_for_line(process: subprocess.Popen, fragment: str) -> list[str]:
 def test_preemption_saves_and_exits_for_requeue_then_auto_resumes(sig, shapes, tmp_path):
     out = tmp_path / 'run'
     argv = TINY + ['--data-path', str(shapes), '--output_dir', str(out), '--epochs', '2']
-    process = start_training(argv)
-    wait_for_line(process, 'Epoch: [0]')
-    process.send_signal(sig)
-    rest = process.communicate(timeout=START_TIMEOUT_S)[0]
+    with start_training(argv) as process:
+        wait_for_line(process, 'Epoch: [0]')
+        process.send_signal(sig)
+        rest = process.communicate(timeout=START_TIMEOUT_S)[0]
     assert process.returncode == main.EXIT_REQUEUE, rest[-2000:]
     assert 'Preempted: saved' in rest
     checkpoint = checkpoints.load_checkpoint(str(out / 'checkpoint.pth'))
@@ -96,12 +99,14 @@ def test_dead_rank_does_not_hang_the_survivor(shapes, tmp_path):
     argv = TINY + ['--data-path', str(shapes), '--epochs', '50', '--distributed', '--dist-timeout', '0.5']
     env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
            'OMP_NUM_THREADS': '1'}
-    ranks = [start_training(argv, env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}) for r in range(2)]
-    wait_for_line(ranks[0], 'Epoch: [1]')
-    ranks[1].kill()
-    started = time.monotonic()
-    rest = ranks[0].communicate(timeout=START_TIMEOUT_S)[0]
-    ranks[1].communicate()
+    with contextlib.ExitStack() as launches:
+        ranks = [launches.enter_context(start_training(argv, {**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}))
+                 for r in range(2)]
+        wait_for_line(ranks[0], 'Epoch: [1]')
+        ranks[1].kill()
+        started = time.monotonic()
+        rest = ranks[0].communicate(timeout=START_TIMEOUT_S)[0]
+        ranks[1].communicate()
     assert ranks[0].returncode == main.EXIT_PEER_FAILURE, rest[-3000:]
     assert time.monotonic() - started < START_TIMEOUT_S
     assert 'another process died or did not answer' in rest and 'Traceback' not in rest
@@ -113,14 +118,13 @@ def test_a_rank_blocked_by_a_hung_peer_exits_after_a_stop_signal(shapes, tmp_pat
     it waits; the watcher thread ends it with one line and exit 4 well before torchrun's SIGKILL."""
     port = free_port()
     wait_s = 2
-    argv = TINY + ['--data-path', str(shapes), '--epochs', '50', '--distributed']
+    argv = TINY + ['--data-path', str(shapes), '--epochs', '50', '--distributed', *SHORT_DIST_TIMEOUT]
     env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
            'OMP_NUM_THREADS': '1'}
     code = f'import sys, main; main.PEER_WAIT_AFTER_SIGNAL_S = {wait_s}; sys.exit(main.run(sys.argv[1:]))'
-    ranks = [subprocess.Popen([sys.executable, '-c', code, *argv], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)})
-             for r in range(2)]
-    try:
+    with contextlib.ExitStack() as launches:
+        ranks = [launches.enter_context(start_training(argv, {**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}, code))
+                 for r in range(2)]
         wait_for_line(ranks[0], 'Epoch: [1]')
         ranks[1].send_signal(signal.SIGSTOP)
         time.sleep(1)  # rank 0 is now waiting on rank 1 in the step's all-reduce
@@ -128,12 +132,9 @@ def test_a_rank_blocked_by_a_hung_peer_exits_after_a_stop_signal(shapes, tmp_pat
         ranks[0].send_signal(signal.SIGTERM)
         rest = ranks[0].communicate(timeout=START_TIMEOUT_S)[0]
         elapsed = time.monotonic() - started
-    finally:
-        for rank in ranks:
-            rank.kill()
-            rank.communicate()
     assert ranks[0].returncode == main.EXIT_PEER_FAILURE, rest[-3000:]
     assert wait_s <= elapsed < wait_s + 10, elapsed
     errors = [line for line in rest.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and 'received SIGTERM while waiting on the other processes' in errors[0], rest[-3000:]
     assert 'Traceback' not in rest
+
