@@ -206,8 +206,11 @@ def test_slurm_tasks_train_and_stop_together_when_one_is_preempted(shapes, tmp_p
     with contextlib.ExitStack() as launches:
         procs = []
         for rank in range(WORLD_SIZE):
+            # What srun gives each task of its step (here a step of both tasks on one node).
             env = launch_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(WORLD_SIZE),
-                             SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='127.0.0.1')
+                             SLURM_STEP_ID='0', SLURM_STEP_NUM_TASKS=str(WORLD_SIZE), SLURM_NODEID='0',
+                             SLURM_STEP_TASKS_PER_NODE=str(WORLD_SIZE), SLURM_JOB_ID='4242',
+                             SLURM_JOB_NODELIST='127.0.0.1')
             procs.append(launches.enter_context(Launch([sys.executable, *argv], env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT, text=True)))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S

@@ -138,3 +138,33 @@ def test_a_rank_blocked_by_a_hung_peer_exits_after_a_stop_signal(shapes, tmp_pat
     assert len(errors) == 1 and 'received SIGTERM while waiting on the other processes' in errors[0], rest[-3000:]
     assert 'Traceback' not in rest
 
+
+def test_a_stop_signal_during_a_long_first_step_is_a_preemption(shapes, tmp_path):
+    """A signal while the first step still runs (with --compile, a minute or two of compilation) is no sign of a dead
+    peer: the step ends, the checkpoint is saved and the process exits 75 to be requeued, where the watcher of a
+    launched process used to exit 4 ``PEER_WAIT_AFTER_SIGNAL_S`` after the signal. Launched as one process of a
+    torchrun job, so that the watcher runs; the first step is made as long as a compilation by a sleep."""
+    wait_s, first_step_s = 1, 4
+    out = tmp_path / 'run'
+    argv = TINY + ['--data-path', str(shapes), '--output_dir', str(out), '--epochs', '2', *SHORT_DIST_TIMEOUT]
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'WORLD_SIZE': '1',
+           'RANK': '0', 'LOCAL_RANK': '0', 'OMP_NUM_THREADS': '1'}
+    code = f"""
+import sys, time, engine, main
+main.PEER_WAIT_AFTER_SIGNAL_S = {wait_s}
+step = engine.training_step
+def compiling_first_step(*args, **kwargs):
+    engine.training_step = step
+    print('first step started', flush=True)
+    time.sleep({first_step_s})
+    return step(*args, **kwargs)
+engine.training_step = compiling_first_step
+sys.exit(main.run(sys.argv[1:]))
+"""
+    with start_training(argv, env, code) as process:
+        wait_for_line(process, 'first step started')
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=START_TIMEOUT_S)[0]
+    assert process.returncode == main.EXIT_REQUEUE, rest[-3000:]
+    assert 'Preempted: saved' in rest and 'error:' not in rest
+    assert checkpoints.load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == -1
