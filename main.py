@@ -6,7 +6,6 @@ work starts) and wires the data, models, criterion and loops together; the loops
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import signal
@@ -34,7 +33,7 @@ from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
 from models import (check_timm_weights, check_token_shapes, compile_models, create_student, load_teacher,
                     no_token_capture, timm_weights_overlay, token_width)
-from utils import UserError
+from utils import OutputWriteError, UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
@@ -51,6 +50,7 @@ MIN_POLICY_CHECK_SIZE = 32  # the image size at which --aa is built once to chec
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_PEER_FAILURE = 4
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or log.txt could not be written; a full disk stays full, no requeue
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, the job should be run again
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # torchrun and Slurm send SIGKILL 30 s after SIGTERM; a process still waiting on its peers this long after the signal
@@ -384,6 +384,14 @@ def scaled_lr(args, world_size: int) -> float:
     return args.lr if args.unscale_lr else args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
 
 
+def checkpoint_bytes(args, num_classes: int) -> int:
+    """The size of the run's training checkpoints, from a weightless (meta-device) student and its optimizer."""
+    with torch.device('meta'):
+        student = create_student(args, None, num_classes)
+    return checkpoints.training_state_bytes(
+        student, lambda model: build_optimizer(args, model, torch.device('meta'), args.lr), args.model_ema)
+
+
 def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
     """This process's place in the job and its device; joins the process group when launched as several."""
     launch = launch_environment(local_rank_flag=args.local_rank)
@@ -524,6 +532,9 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         dataset_val, _ = build_dataset(is_train=False, args=args)
     except ValueError as err:
         raise UserError(f'--data-path {args.data_path}: {err}') from None
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and not args.eval:
+        utils.on_main_process(lambda: checkpoints.prepare_run_dir(output_dir, checkpoint_bytes(args, num_classes)))
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, launch, device)
     mixup_fn = build_mixup(args, num_classes)
 
@@ -561,13 +572,12 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     optimizer = build_optimizer(args, model_without_ddp, device, scaled_lr(args, launch.world_size))
     lr_scheduler, _ = create_scheduler(args, optimizer)
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
     resume_path = args.resume
     if not resume_path and args.auto_resume and not args.eval:
         resume_path = checkpoints.auto_resume_path(output_dir)
         if resume_path:
             print(f'Auto-resume: continuing from {resume_path} (--no-auto-resume starts afresh)')
-    start_epoch, max_accuracy = args.start_epoch, 0.0
+    start_epoch, max_accuracy, resumed_epoch = args.start_epoch, 0.0, 0
     if resume_path:
         resumed_epoch, max_accuracy = checkpoints.resume(resume_path, model_without_ddp, not args.eval, optimizer,
                                                          lr_scheduler, model_ema, precision.scaler)
@@ -593,6 +603,8 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
     # at exit (1.1 of the 1.3 s a finished run took to exit).
     gc.freeze()
     last_checkpoint = output_dir / checkpoints.CHECKPOINT_NAME if output_dir else None
+    if output_dir:
+        utils.on_main_process(lambda: utils.repair_log(output_dir / utils.LOG_NAME, resumed_epoch or None))
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -617,17 +629,16 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         is_best = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         print(f'Max accuracy: {max_accuracy:.2f}%')
-        if output_dir:
-            save(epoch, last_checkpoint)
-            if is_best:
-                checkpoints.keep_copy_on_master(last_checkpoint, output_dir / checkpoints.BEST_CHECKPOINT_NAME)
-
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch, 'n_parameters': n_parameters}
-        if output_dir and utils.is_main_process():
-            with (output_dir / 'log.txt').open('a') as f:
-                f.write(json.dumps(log_stats) + '\n')
+        if output_dir:
+            # The epoch's line before its checkpoint: a run stopped between the two runs the epoch again and its
+            # restart removes the line (utils.repair_log); the other way round the line would be lost.
+            utils.on_main_process(lambda: utils.append_log(output_dir / utils.LOG_NAME, log_stats))
+            save(epoch, last_checkpoint)
+            if is_best:
+                checkpoints.keep_copy_on_master(last_checkpoint, output_dir / checkpoints.BEST_CHECKPOINT_NAME)
         if writer is not None:
             for key, value in log_stats.items():
                 writer.add_scalar(key, value, epoch)
@@ -667,6 +678,11 @@ def run(argv=None) -> int:
         last = str(err).strip().splitlines()[-1].split(f'{UnreadableImageError.__name__}: ', 1)[-1]
         sys.stderr.write(f'error: {last} (--skip-bad-images skips such files with a warning)\n')
         return EXIT_USER_ERROR
+    except OutputWriteError as err:
+        # Only the main process writes; the others stop with its error (utils.on_main_process) and add nothing.
+        if utils.is_main_process():
+            sys.stderr.write(f'error: {err}\n')
+        return EXIT_WRITE_FAILED
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {err}. The last good checkpoint is kept.\n')
         return EXIT_NON_FINITE

@@ -1,6 +1,8 @@
 """Shared pieces of the end-to-end tests: the papers' commands, small datasets and checkpoints, and the one way
 tests start processes (``Launch``, ``run``)."""
+import builtins
 import contextlib
+import errno
 import os
 import re
 import shlex
@@ -11,7 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import timm
@@ -269,3 +271,56 @@ def check_compiled_matches_eager(device: torch.device, rel: float, rtol: float, 
         updated_terms, _ = losses_and_gradients(*compiled_models)
     assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
     assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=rel)
+
+
+class FaultyFile:
+    """A file as ``open`` returns it, on a disk with ``room`` bytes left: a write past them writes what fits, then
+    fails as the OS's write does on a full disk (ENOSPC) or, with ``kill``, is cut there by SIGKILL to this process
+    (a scheduler's kill, the OOM killer)."""
+
+    def __init__(self, file, room: int, kill: bool = False) -> None:
+        self._file, self._room, self._kill = file, room, kill
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast('B')
+        fits = min(len(data), max(self._room, 0))
+        self._room -= fits
+        if fits:
+            self._file.write(data[:fits])
+        if fits < len(data):
+            if self._kill:
+                self._file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fits
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+
+def faulty_open(matches: Callable[[str], bool], room: int, after: int = 0, kill: bool = False) -> Callable:
+    """``open`` for which the files opened for writing whose path ``matches`` are ``FaultyFile``s, except the first
+    ``after`` of them, written whole."""
+    real_open = builtins.open
+    opened = 0
+
+    def opener(file, mode='r', *args, **kwargs):
+        nonlocal opened
+        handle = real_open(file, mode, *args, **kwargs)
+        if not any(m in mode for m in 'wa') or not matches(os.fspath(file)):
+            return handle
+        opened += 1
+        return FaultyFile(handle, room, kill) if opened > after else handle
+
+    return opener
+
+
+def fill_disk_at(monkeypatch, matches: Callable[[str], bool], room: int = 1000, after: int = 0) -> None:
+    """The disk is full for the files opened for writing whose path ``matches``, after the first ``after``."""
+    monkeypatch.setattr(builtins, 'open', faulty_open(matches, room, after))
