@@ -1,14 +1,20 @@
-"""Checkpoints in one place: safe loading, atomic saving, the published layouts, resume and fine-tuning.
+"""Checkpoints in one place: safe loading, atomic saving, room for them on disk, the published layouts, resume and
+fine-tuning.
 
 Every file is read with ``torch.load(weights_only=True)`` behind a short allow-list, so a pickle that would run code
-is refused before anything of it runs. Writes go to a temporary file that is renamed over the old one.
+is refused before anything of it runs. Writes go to a temporary file that is renamed over the old one; a failed
+write is one line naming the file and the OS's reason.
 """
 import argparse
+import contextlib
+import math
 import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
+import socket
 import urllib.error
 import zipfile
 from typing import Any, Callable, Optional, Union
@@ -21,6 +27,7 @@ import torch.nn as nn
 from huggingface_hub.errors import EntryNotFoundError
 from timm.layers import resample_abs_pos_embed
 from timm.models import clean_state_dict
+from torch.utils._pytree import tree_leaves
 
 import utils
 from utils import UserError
@@ -29,6 +36,17 @@ PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 BEST_CHECKPOINT_NAME = 'checkpoint_best.pth'
+# write_atomically's temporary file: '<target>.tmp.<host>.<pid>' (before the host was named: '<target>.tmp.<pid>').
+TEMPORARY_NAME = re.compile(r'(?P<target>.+)\.tmp\.(?:(?P<host>.+)\.)?(?P<pid>\d+)')
+# The most checkpoint files a run holds at once: while the last one is replaced, the file being written, the last one
+# and the best one (a hard link to the last one when it is saved, a file of its own once the last one moves on).
+CHECKPOINTS_AT_ONCE = 3
+# Room asked for beyond the checkpoints' tensors: their archive's records, the pickled args and every process's RNG
+# states (0.3 % of a DeiT-Ti training checkpoint, 0.1 % of a DeiT-S one, 15 KB more per process) and log.txt.
+ROOM_MARGIN = 0.05
+# An optimizer that cannot take its step on the meta device (a few of timm's read values with .item(); bitsandbytes
+# and APEX need CUDA) is counted as Adam: two moments of a parameter's size per parameter.
+FALLBACK_OPTIMIZER_STATES = 2
 URL_SCHEMES = ('https://', 'http://')
 SAFETENSORS_SUFFIX = '.safetensors'
 # torch's load_state_dict lists every missing and unexpected key; a one-line error keeps this much of it.
@@ -166,20 +184,38 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def temporary_path(path: str) -> str:
+    """Where ``write_atomically`` writes ``path`` first, named after this host and process, so that a later run can
+    tell whether its writer still runs (``remove_dead_writers_files``)."""
+    return f'{path}.tmp.{socket.gethostname()}.{os.getpid()}'
+
+
+def _os_error(err: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind ``err``: torch.save tells a failed write of its file as a RuntimeError of its zip writer
+    (``unexpected pos ...``), raised while the file's OSError was being handled."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
     """``write(temporary_path)``, then rename the file over ``path`` and make the rename durable: a crash midway
-    leaves any previous file at ``path`` intact, and no temporary file behind (also on KeyboardInterrupt)."""
+    leaves any previous file at ``path`` intact, and no temporary file behind (also on KeyboardInterrupt). A write
+    that fails in the OS (no space, a quota, an I/O error) is raised as a one-line ``utils.OutputWriteError``."""
     path = os.fspath(path)
-    tmp_path = f'{path}.tmp.{os.getpid()}'
+    tmp_path = temporary_path(path)
+    kept = f'the previous {os.path.basename(path)} is kept' if os.path.exists(path) else 'nothing was saved'
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
-        try:
+    except BaseException as err:
+        # Left behind only if it cannot be removed either; the next run removes it (its writer is gone).
+        with contextlib.suppress(OSError):
             os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
+        reason = _os_error(err)
+        if reason is None:
+            raise
+        raise utils.write_error(path, reason, kept) from None
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -200,19 +236,16 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
 
 
 def save_on_master(state: dict, path: PathLike) -> None:
-    """``save_checkpoint`` on the main process only."""
-    if utils.is_main_process():
-        save_checkpoint(state, path)
+    """``save_checkpoint`` on the main process only; a failed write stops every process (``utils.on_main_process``).
+    Call it on all processes."""
+    utils.on_main_process(lambda: save_checkpoint(state, path))
 
 
 def keep_copy_on_master(path: PathLike, copy_path: PathLike) -> None:
     """Keep the checkpoint just saved at ``path`` as ``copy_path`` too (the best one), on the main process only,
     atomically. A hard link writes nothing twice (a DeiT-S training state is 260 MB), and stays what it is when the
     next ``save_checkpoint`` replaces ``path``: that puts a new file under the name. Where the file system has no
-    links, a copy."""
-    if not utils.is_main_process():
-        return
-
+    links, a copy. Call it on all processes, as ``save_on_master``."""
     def link_or_copy(tmp_path: str) -> None:
         try:
             os.link(path, tmp_path)
@@ -220,7 +253,107 @@ def keep_copy_on_master(path: PathLike, copy_path: PathLike) -> None:
             shutil.copyfile(path, tmp_path)
             _fsync_file(tmp_path)
 
-    write_atomically(copy_path, link_or_copy)
+    utils.on_main_process(lambda: write_atomically(copy_path, link_or_copy))
+
+
+# ---------------------------------------------------------------------------------------------
+# Room on disk, and what dead writers left
+# ---------------------------------------------------------------------------------------------
+
+def _tensor_bytes(tree: Any) -> int:
+    return sum(leaf.nbytes for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor))
+
+
+def training_state_bytes(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                         with_ema: bool) -> int:
+    """The bytes of the tensors ``training_state`` saves for ``model``, a weightless meta-device model: its state
+    dict, the EMA's copy of it, and the state of ``make_optimizer(model)`` after a step on meta gradients (no memory,
+    no arithmetic; Lookahead's slow weights synced in). ``ROOM_MARGIN`` covers the rest of the file."""
+    weights = _tensor_bytes(model.state_dict())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # An optimizer's state of a parameter follows the parameter's shape: one of each shape takes the step (a tenth of
+    # a ViT's parameters; the step is most of the time this takes).
+    probes: dict[tuple, nn.Parameter] = {}
+    for param in trained:
+        probes.setdefault((param.shape, param.dtype), param)
+    try:
+        optimizer = make_optimizer(model)
+        for probe in probes.values():
+            probe.grad = torch.zeros_like(probe)
+        optimizer.step()
+        if hasattr(optimizer, 'sync_lookahead'):
+            optimizer.sync_lookahead()
+        state = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group['params']]
+        indices = [i for group in state['param_groups'] for i in group['params']]
+        held = {id(p): _tensor_bytes(state['state'].get(i, {})) for p, i in zip(params, indices)}
+        optimizer_bytes = sum(held[id(probes[p.shape, p.dtype])] for p in trained)
+    except Exception:  # noqa: BLE001 - any optimizer of timm's registry: whatever fails on the meta device
+        optimizer_bytes = FALLBACK_OPTIMIZER_STATES * _tensor_bytes(trained)
+    finally:
+        for probe in probes.values():
+            probe.grad = None
+    return weights * (2 if with_ema else 1) + optimizer_bytes
+
+
+def room_needed(run_dir: pathlib.Path, checkpoint_bytes: int) -> int:
+    """The free bytes a run writing checkpoints of ``checkpoint_bytes`` into ``run_dir`` needs: ``CHECKPOINTS_AT_ONCE``
+    of them and ``ROOM_MARGIN``, less what the last and best checkpoints already there hold (a resumed run replaces
+    them; a hard-linked best one counts once). Several runs on one file system need the sum."""
+    held = {}
+    for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            stat = (run_dir / name).stat()
+            held[stat.st_dev, stat.st_ino] = min(stat.st_size, checkpoint_bytes)
+    return max(0, math.ceil(CHECKPOINTS_AT_ONCE * checkpoint_bytes * (1 + ROOM_MARGIN)) - sum(held.values()))
+
+
+def check_room(output_dir: pathlib.Path, needed: int) -> None:
+    """A ``UserError`` naming ``output_dir``, what its file system has free and what is ``needed``, when that is
+    less. User quotas are not seen here: a write beyond one fails as any other (``OutputWriteError``)."""
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f'--output_dir {output_dir}: {free / utils.BYTES_PER_MB:.1f} MB free on its file system, '
+                        f'{needed / utils.BYTES_PER_MB:.1f} MB needed (the last, the best and the checkpoint being '
+                        f'written at once, and {ROOM_MARGIN:.0%} more)')
+
+
+def _writer_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_writers_files(run_dir: pathlib.Path) -> None:
+    """Remove the temporary checkpoint files in ``run_dir`` whose writer is gone (a process killed mid-write),
+    saying which in one line: a writer of this host whose process no longer runs, or, for a writer on another host of
+    a shared file system (or of a name without a host), a file older than the run's last checkpoint. A file of a
+    writer that still runs (another run in the same folder) is left alone."""
+    if not run_dir.is_dir():  # a run's folder made later (a student's under --output_dir)
+        return
+    last = run_dir / CHECKPOINT_NAME
+    last_saved = last.stat().st_mtime if last.is_file() else None
+    host = socket.gethostname()
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match is None or match['target'] not in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # its writer may just have renamed it
+            stat = path.stat()
+            if match['host'] == host:
+                gone = not _writer_is_running(int(match['pid']))
+            else:
+                gone = last_saved is not None and stat.st_mtime < last_saved
+            if gone:
+                path.unlink()
+                removed.append(f'{path.name} ({stat.st_size / utils.BYTES_PER_MB:.1f} MB)')
+    if removed:
+        print(f'Removed temporary files whose writer is gone from {run_dir}: {", ".join(removed)}')
 
 
 # ---------------------------------------------------------------------------------------------

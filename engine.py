@@ -166,14 +166,15 @@ class Student:
 def student_step(student: Student, teacher: TeacherOutput, samples: torch.Tensor,
                  targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """One student's step on a batch the teacher has seen, in the student's own random stream: losses under
-    autocast, backward, optional clipping, optimizer step. Returns the terms, detached (the student's graph is
-    freed before the next student runs)."""
+    autocast, backward, optional clipping, optimizer step. Returns the terms, detached: the student's graph and its
+    gradients are freed before the next student runs, so that students between their steps hold only their
+    weights, EMA and optimizer state."""
     with student.own_stream():
         with student.precision.autocast():
             terms = student_losses(student.model, student.criterion, samples, targets, teacher, student.teacher_blocks)
-        student.optimizer.zero_grad(set_to_none=True)
         student.precision.backward_and_step(terms['loss'], student.optimizer, student.model.parameters(),
                                             student.max_norm)
+        student.optimizer.zero_grad(set_to_none=True)
     return {name: value.detach() for name, value in terms.items()}
 
 

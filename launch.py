@@ -1,5 +1,5 @@
 """Where this process sits in a job: read from the launcher's environment (torchrun / torch.distributed.launch, or
-SLURM's ``srun``), with the rendezvous address and port a SLURM task can derive on its own."""
+a task of a SLURM ``srun`` step), with the rendezvous address and port a SLURM task can derive on its own."""
 import os
 import re
 import zlib
@@ -12,6 +12,10 @@ from utils import UserError
 # keeps concurrent jobs on one node apart.
 SLURM_PORT_MIN = 20000
 SLURM_PORT_MAX = 59999
+# Step ids below this are the steps srun starts; Slurm's own steps (the batch script, salloc's interactive step, the
+# extern step) have ids above it (slurm.h), which Slurm 26.05 and later export as negative numbers (-5 for the batch
+# script) and earlier versions do not export at all.
+SLURM_MAX_NORMAL_STEP_ID = 0xfffffff0
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class LaunchEnvironment:
     world_size: int = 1
     local_rank: int = 0
     launcher: Optional[str] = None  # 'torchrun', 'slurm' or None (one process)
+    local_world_size: Optional[int] = None  # processes of the job on this node, where the launcher says
 
     @property
     def distributed(self) -> bool:
@@ -61,6 +66,37 @@ def parse_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def parse_slurm_tasks_per_node(counts: str) -> list[int]:
+    """Expand SLURM's tasks per node (``2(x3),1``: two tasks on each of three nodes, then one) into one count per
+    node, in the order of the node list."""
+    tasks = []
+    for item in filter(None, (part.strip() for part in counts.split(','))):
+        count, _, repeat = item.partition('(x')
+        tasks.extend([int(count)] * (int(repeat.rstrip(')')) if repeat else 1))
+    return tasks
+
+
+def srun_step_tasks(env: Mapping[str, str]) -> int:
+    """The number of tasks of the ``srun`` step this process is a task of; 0 where it is a task of none.
+
+    ``sbatch``'s batch script and ``salloc``'s shell hold the job's ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but no
+    step id of srun's (``SLURM_STEP_ID`` unset, or -5 for the batch script since Slurm 26.05); every task srun
+    starts gets its step's id and ``SLURM_STEP_NUM_TASKS`` (``SLURM_NTASKS`` too, except under ``--preserve-env``).
+    """
+    step = env.get('SLURM_STEP_ID', env.get('SLURM_STEPID', ''))
+    if 'SLURM_PROCID' not in env or not step.isdigit() or int(step) >= SLURM_MAX_NORMAL_STEP_ID:
+        return 0
+    return int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or 1)
+
+
+def slurm_node_tasks(env: Mapping[str, str]) -> Optional[int]:
+    """The number of tasks of this process's step on its node (``SLURM_STEP_TASKS_PER_NODE`` at ``SLURM_NODEID``,
+    the node's index in the step), None where they are not set."""
+    counts = parse_slurm_tasks_per_node(env.get('SLURM_STEP_TASKS_PER_NODE', ''))
+    node = env.get('SLURM_NODEID', '')
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else None
+
+
 def slurm_master_port(job_id: str) -> int:
     """The rendezvous port of a SLURM job, in ``[SLURM_PORT_MIN, SLURM_PORT_MAX]``: every task derives the same one,
     consecutive job ids different ones."""
@@ -94,13 +130,16 @@ def slurm_rendezvous(env: Mapping[str, str], dist_port: Optional[int]) -> tuple[
 
 
 def launch_environment(env: Mapping[str, str] = os.environ, local_rank_flag: int = 0) -> LaunchEnvironment:
-    """torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` when set (also inside a SLURM allocation), else SLURM's
-    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, else one process. ``local_rank_flag`` (``--local_rank``)
-    stands in for a missing ``LOCAL_RANK``."""
+    """torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` when set (also inside a SLURM allocation), else, for a task
+    of an ``srun`` step of several tasks, SLURM's ``SLURM_PROCID``/``SLURM_LOCALID`` and the step's number of tasks,
+    else one process (a batch script or an interactive shell of a SLURM job too). ``local_rank_flag``
+    (``--local_rank``) stands in for a missing ``LOCAL_RANK``."""
     if 'RANK' in env and 'WORLD_SIZE' in env:
         local_rank = int(env['LOCAL_RANK']) if 'LOCAL_RANK' in env else local_rank_flag
-        return LaunchEnvironment(int(env['RANK']), int(env['WORLD_SIZE']), local_rank, 'torchrun')
-    if 'SLURM_PROCID' in env:
-        return LaunchEnvironment(int(env['SLURM_PROCID']), int(env.get('SLURM_NTASKS', 1)),
-                                 int(env.get('SLURM_LOCALID', 0)), 'slurm')
+        local_world_size = int(env['LOCAL_WORLD_SIZE']) if 'LOCAL_WORLD_SIZE' in env else None
+        return LaunchEnvironment(int(env['RANK']), int(env['WORLD_SIZE']), local_rank, 'torchrun', local_world_size)
+    tasks = srun_step_tasks(env)
+    if tasks > 1:
+        return LaunchEnvironment(int(env['SLURM_PROCID']), tasks, int(env.get('SLURM_LOCALID', 0)), 'slurm',
+                                 slurm_node_tasks(env))
     return LaunchEnvironment()

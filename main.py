@@ -35,8 +35,8 @@ from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import feature_distillation
 from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes, load_teacher,
                     no_token_capture, timm_weights_overlay, token_width)
-from students import Variant, build_student, parse_variants, resume_students, write_variants_table
-from utils import UserError
+from students import Variant, build_student, parse_variants, prepare_run_dirs, resume_students, write_variants_table
+from utils import OutputWriteError, UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LOOKAHEAD_PREFIX = 'lookahead_'  # timm's optimizer factory wraps 'lookahead_<name>' in Lookahead
@@ -52,6 +52,7 @@ MIN_POLICY_CHECK_SIZE = 32  # the image size at which --aa is built once to chec
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_PEER_FAILURE = 4
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or log.txt could not be written; a full disk stays full, no requeue
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, the job should be run again
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # torchrun and Slurm send SIGKILL 30 s after SIGTERM; a process still waiting on its peers this long after the signal
@@ -61,6 +62,9 @@ PEER_WAIT_POLL_S = 0.5
 # gloo reports a dead peer inside DDP's backward as a plain RuntimeError (no DistError), recognisable only by its
 # transport's words; NCCL and the c10d store raise DistError subclasses.
 GLOO_PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Timed out')
+# How each launcher is told to start one process per GPU.
+ONE_PROCESS_PER_GPU = {'torchrun': '--nproc_per_node',
+                       'slurm': '--ntasks-per-node, or --gpus-per-task=1 to give each task a GPU of its own'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +406,8 @@ def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
     """This process's place in the job and its device; joins the process group when launched as several."""
     launch = launch_environment(local_rank_flag=args.local_rank)
     if args.distributed and not launch.distributed:
-        print('Note: --distributed, but no launcher environment (RANK/WORLD_SIZE or SLURM_PROCID): one process')
+        print('Note: --distributed, but no launcher environment (torchrun\'s RANK/WORLD_SIZE, or a task of an srun '
+              'step of several tasks): one process')
     if launch.launcher == 'slurm':
         os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = slurm_rendezvous(os.environ, args.dist_port)
     device = process_device(args.device, launch)
@@ -412,13 +417,24 @@ def join_launch(args) -> tuple[LaunchEnvironment, torch.device]:
 
 def process_device(name: str, launch: LaunchEnvironment) -> torch.device:
     """This process's device, made the current one on CUDA (so that memory statistics, the pinning thread and
-    NCCL use it): ``--device`` for one process, the ``cuda:<local rank>`` GPU for each process of a launch, taken
-    modulo the GPUs this process sees (one, where the cluster binds a GPU to each task)."""
+    NCCL use it): ``--device`` for one process, the ``cuda:<local rank>`` GPU for each process of a launch, or the
+    one GPU a process sees where the cluster binds a GPU to each task. Fewer visible GPUs than processes on the
+    node, but more than one, would put two processes on one GPU (NCCL: "Duplicate GPU detected"): refused. A task
+    bound to several GPUs of its own (SLURM's ``--gpus-per-task=2``) is refused too: it would use one of them."""
     device = torch.device(name)
     if device.type != 'cuda':
         return device
     if launch.distributed:
-        device = torch.device('cuda', launch.local_rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        # Without the launcher's count of processes on the node, this process's local rank is a lower bound.
+        local_processes = launch.local_world_size or launch.local_rank + 1
+        if 1 < visible < local_processes:
+            counted = local_processes if launch.local_world_size else f'at least {local_processes}'
+            raise UserError(f'--device {name}: {launch.launcher} started {counted} processes on this node, but '
+                            f'each sees {visible} GPUs (CUDA_VISIBLE_DEVICES='
+                            f'{os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}): a GPU for each process needs at '
+                            f'most {visible} per node ({ONE_PROCESS_PER_GPU[launch.launcher]})')
+        device = torch.device('cuda', launch.local_rank % visible)
     elif device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     torch.cuda.set_device(device)
@@ -433,13 +449,17 @@ class PreemptionFlag(StopSignal):
     torchrun (or ``srun --kill-on-bad-exit``) is now stopping the survivors with SIGTERM, followed by SIGKILL 30 s
     later. Launched as several processes, a watcher thread learns of the signal through the interpreter's wakeup fd;
     if this process is still waiting on its peers ``PEER_WAIT_AFTER_SIGNAL_S`` after both the signal and the start
-    of that wait, it writes one line and exits with ``EXIT_PEER_FAILURE`` instead of waiting to be killed.
+    of that wait, and longer than any step it finished before, it writes one line and exits with
+    ``EXIT_PEER_FAILURE`` instead of waiting to be killed. A step is only a dead peer's sign once one has finished:
+    the first step (with ``--compile`` a minute or two of compilation) and a step that recompiles take as long as
+    they take, and a signal during them is a preemption like any other (the step ends, rank 0 saves, exit 75).
     """
 
     def __init__(self, distributed: bool):
         self.signal: Optional[int] = None
         self.signal_time = 0.0
         self.waiting_since: Optional[float] = None
+        self.longest_step: Optional[float] = None  # seconds; None until a step has finished
         self._lock = threading.Lock()
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
@@ -467,8 +487,9 @@ class PreemptionFlag(StopSignal):
                 self._record(signum)
         while True:
             time.sleep(PEER_WAIT_POLL_S)
-            since = self.waiting_since
-            if since is not None and time.monotonic() - max(since, self.signal_time) > PEER_WAIT_AFTER_SIGNAL_S:
+            since, longest, now = self.waiting_since, self.longest_step, time.monotonic()
+            if (since is not None and longest is not None and now - since > longest
+                    and now - max(since, self.signal_time) > PEER_WAIT_AFTER_SIGNAL_S):
                 sys.stderr.write(f'error: rank {utils.get_rank()}: received {signal.Signals(self.signal).name} while '
                                  f'waiting on the other processes for {PEER_WAIT_AFTER_SIGNAL_S} s: one of them died '
                                  'or hangs; exiting without a checkpoint (the last saved one is kept)\n')
@@ -480,9 +501,10 @@ class PreemptionFlag(StopSignal):
 
     @contextlib.contextmanager
     def waiting_on_peers(self) -> Iterator[None]:
-        self.waiting_since = time.monotonic()
+        self.waiting_since = started = time.monotonic()
         try:
             yield
+            self.longest_step = max(self.longest_step or 0.0, time.monotonic() - started)
         finally:
             self.waiting_since = None
 
@@ -526,6 +548,8 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
         dataset_val, _ = build_dataset(is_train=False, args=args)
     except ValueError as err:
         raise UserError(f'--data-path {args.data_path}: {err}') from None
+    if not args.eval:
+        utils.on_main_process(lambda: prepare_run_dirs(args.output_dir, variants, num_classes))
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, launch, device)
     mixup_fn = build_mixup(args, num_classes)
 
@@ -543,7 +567,8 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
         teacher = FrozenCompiledTeacher(teacher)
     runs = [build_student(variant, teacher, num_classes, launch, device, writer)
             for variant, writer in zip(variants, writers)]
-    start_epoch = resume_students(runs, args.resume, args.auto_resume, not args.eval) or args.start_epoch
+    resumed_epoch = resume_students(runs, args.resume, args.auto_resume, not args.eval)
+    start_epoch = resumed_epoch or args.start_epoch
 
     def run_evaluation() -> list[dict[str, float]]:
         with no_token_capture(*(run.model_without_ddp for run in runs)):
@@ -563,6 +588,8 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
     # out of the garbage collector's way, a full collection no longer walks it, nor does the interpreter's last one
     # at exit (1.1 of the 1.3 s a finished run took to exit).
     gc.freeze()
+    for run in runs:
+        run.repair_log(resumed_epoch)
     step_seconds: dict[str, float] = defaultdict(float)
     print(f'Start training for {args.epochs} epochs' + (f' of {len(runs)} students' if len(runs) > 1 else ''))
     start_time = time.time()
@@ -628,6 +655,11 @@ def run(argv=None) -> int:
         last = str(err).strip().splitlines()[-1].split(f'{UnreadableImageError.__name__}: ', 1)[-1]
         sys.stderr.write(f'error: {last} (--skip-bad-images skips such files with a warning)\n')
         return EXIT_USER_ERROR
+    except OutputWriteError as err:
+        # Only the main process writes; the others stop with its error (utils.on_main_process) and add nothing.
+        if utils.is_main_process():
+            sys.stderr.write(f'error: {err}\n')
+        return EXIT_WRITE_FAILED
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {err}. The last good checkpoint is kept.\n')
         return EXIT_NON_FINITE

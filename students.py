@@ -3,7 +3,6 @@ forward per batch. Each student is built from its own flags, resumed, checkpoint
 in ``<output_dir>/<NAME>/`` when there are variants; ``<output_dir>/variants.md`` compares them.
 """
 import argparse
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,6 @@ from utils import UserError
 
 BASE_NAME = 'base'
 TABLE_NAME = 'variants.md'
-LOG_NAME = 'log.txt'
 NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
 LR_REFERENCE_BATCH = 512.0  # DeiT's linear LR scaling: lr * batch * world / 512
 # What a student owns, and so what a variant may set: its model, its loss terms, its optimizer and learning rate,
@@ -149,6 +147,11 @@ class StudentRun:
     def checkpoint_path(self) -> Optional[Path]:
         return self.output_dir / checkpoints.CHECKPOINT_NAME if self.output_dir else None
 
+    def repair_log(self, resumed_epoch: int) -> None:
+        """``log.txt`` cut back to whole lines of the epochs the checkpoint holds (``utils.repair_log``)."""
+        if self.output_dir:
+            utils.on_main_process(lambda: utils.repair_log(self.output_dir / utils.LOG_NAME, resumed_epoch or None))
+
     def save(self, epoch: int) -> None:
         """The training state after ``epoch`` (a collective: every rank calls it; rank 0 writes)."""
         student = self.student
@@ -163,17 +166,17 @@ class StudentRun:
         self.max_accuracy = max(self.max_accuracy, test_stats['acc1'])
         self.last_accuracy = test_stats['acc1']
         print(f'Max accuracy{self.variant.label}: {self.max_accuracy:.2f}%')
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': self.n_parameters}
         if self.output_dir:
+            # The epoch's line before its checkpoint: a run stopped between the two runs the epoch again and its
+            # restart removes the line (utils.repair_log); the other way round the line would be lost.
+            utils.on_main_process(lambda: utils.append_log(self.output_dir / utils.LOG_NAME, log_stats))
             self.save(epoch)
             if is_best:
                 checkpoints.keep_copy_on_master(self.checkpoint_path,
                                                 self.output_dir / checkpoints.BEST_CHECKPOINT_NAME)
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': self.n_parameters}
-        if self.output_dir and utils.is_main_process():
-            with (self.output_dir / LOG_NAME).open('a') as f:
-                f.write(json.dumps(log_stats) + '\n')
         if self.writer is not None:
             for key, value in log_stats.items():
                 self.writer.add_scalar(key, value, epoch)
@@ -276,8 +279,9 @@ def variants_table(runs: Sequence[StudentRun], epochs_done: int, seconds: dict[s
 
 def write_variants_table(output_dir: Optional[str], runs: Sequence[StudentRun], epochs_done: int,
                          seconds: dict[str, float]) -> None:
-    """``<output_dir>/variants.md`` (rank 0, atomically), when the run has variants and an output folder."""
-    if len(runs) < 2 or not output_dir or not utils.is_main_process():
+    """``<output_dir>/variants.md`` (rank 0, atomically), when the run has variants and an output folder. Call it on
+    all processes (a failed write stops them all: ``utils.on_main_process``)."""
+    if len(runs) < 2 or not output_dir:
         return
     text = variants_table(runs, epochs_done, seconds)
 
@@ -285,4 +289,25 @@ def write_variants_table(output_dir: Optional[str], runs: Sequence[StudentRun], 
         with open(path, 'w') as f:
             f.write(text)
 
-    checkpoints.write_atomically(os.path.join(output_dir, TABLE_NAME), write)
+    utils.on_main_process(lambda: checkpoints.write_atomically(os.path.join(output_dir, TABLE_NAME), write))
+
+
+def checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> int:
+    """The size of a student's training checkpoints, from a weightless (meta-device) student and its optimizer."""
+    with torch.device('meta'):
+        student = create_student(args, None, num_classes)
+    return checkpoints.training_state_bytes(
+        student, lambda model: build_optimizer(args, model, torch.device('meta'), args.lr), args.model_ema)
+
+
+def prepare_run_dirs(output_dir: Optional[str], variants: Sequence[Variant], num_classes: int) -> None:
+    """Before the students write into their folders: the temporary files of dead writers removed from each, and room
+    on ``output_dir``'s file system for all their checkpoints at once (``checkpoints.check_room``)."""
+    if not output_dir:
+        return
+    needed = 0
+    for variant in variants:
+        folder = Path(variant.args.output_dir)
+        checkpoints.remove_dead_writers_files(folder)
+        needed += checkpoints.room_needed(folder, checkpoint_bytes(variant.args, num_classes))
+    checkpoints.check_room(Path(output_dir), needed)

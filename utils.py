@@ -1,4 +1,5 @@
-"""DeiT's small helpers: distributed setup and collectives, metric logging, and the user-error type.
+"""DeiT's small helpers: distributed setup and collectives, metric logging and ``log.txt``, and the error types a
+run ends with in one line.
 
 Checkpoint reading and writing live in checkpoints.py, the launcher's environment in launch.py.
 """
@@ -6,9 +7,13 @@ import builtins
 import contextlib
 import ctypes
 import datetime
+import errno
+import json
+import os
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,9 +29,27 @@ MALLOPT_TRIM_THRESHOLD = -1
 MALLOPT_MMAP_MAX = -4
 NEVER_TRIM = 2 ** 31 - 1
 
+LOG_NAME = 'log.txt'  # DeiT's log of the run in --output_dir: a JSON line per epoch
+
 
 class UserError(Exception):
     """An error caused by the user (bad flag, bad path); main.py prints it as one line, exit code 2."""
+
+
+class OutputWriteError(Exception):
+    """A file of the run (a checkpoint, ``log.txt``) could not be written: no space, a quota, an I/O error. main.py
+    prints it as one line and exits with its own code (``main.EXIT_WRITE_FAILED``)."""
+
+
+def os_reason(err: OSError) -> str:
+    """The OS's words for ``err`` and its errno name: ``No space left on device (ENOSPC)``."""
+    name = errno.errorcode.get(err.errno) if err.errno is not None else None
+    return f'{err.strerror} ({name})' if err.strerror and name else str(err)
+
+
+def write_error(path: Any, err: OSError, kept: str) -> OutputWriteError:
+    """The one-line error of a failed write of ``path``, saying what is ``kept``."""
+    return OutputWriteError(f'cannot write {path}: {os_reason(err)}; {kept}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +109,25 @@ def init_distributed_mode(launch, device: torch.device, dist_url: str, timeout_m
                             timeout=datetime.timedelta(minutes=timeout_minutes), **init_kwargs)
     dist.barrier()
     setup_for_distributed(launch.rank == 0)
+
+
+def on_main_process(action: Callable[[], Any]) -> None:
+    """``action()`` on the main process only (it writes the run's files). A ``UserError`` or ``OutputWriteError`` it
+    raises is raised on every process, through one broadcast that all of them wait in: all stop at once with its line,
+    instead of the others waiting for the main process in their next collective until the launcher or
+    ``--dist-timeout`` ends them. Call it on all processes."""
+    error = None
+    if is_main_process():
+        try:
+            action()
+        except (UserError, OutputWriteError) as err:
+            error = err
+    if is_dist_avail_and_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
 
 
 def leave_distributed() -> None:
@@ -291,6 +333,66 @@ class MetricLogger:
         per_it = elapsed / steps if steps else 0.0
         summary = f'Total time: {format_seconds(elapsed)} ({per_it:.4f} s / it)'
         print(f'{header} {summary}' if header else summary)
+
+
+def append_log(path: Path, stats: Dict[str, Any]) -> None:
+    """Append ``stats`` to ``path`` (DeiT's ``log.txt``) as one JSON line, whole or not at all: a write that fails (no
+    space, a quota, an I/O error) is cut back to the file's previous end and raised as an ``OutputWriteError``."""
+    line = memoryview((json.dumps(stats) + '\n').encode())
+    try:
+        # Unbuffered: no bytes of the line wait in a buffer to be written after the cut, at close.
+        with open(path, 'ab', buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(end)
+                raise
+    except OSError as err:
+        raise write_error(path, err, 'its earlier lines are kept whole') from None
+
+
+def _logged_epoch(line: bytes) -> Optional[int]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get('epoch') if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) else None
+
+
+def repair_log(path: Path, next_epoch: Optional[int] = None) -> None:
+    """Cut ``path`` (``log.txt``) back to whole lines, saying so in one line: a last line cut short by a kill or a
+    full disk goes, and, for a run that resumes at ``next_epoch``, so do the last lines of that epoch and later ones
+    (an epoch's line is written before its checkpoint: a run stopped between the two runs that epoch again). Only
+    ever truncates, which needs no free space."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b'\n') + 1
+    removed = []
+    if end < len(data):
+        removed.append(f'a last line cut short ({len(data) - end} bytes)')
+    later = []
+    while next_epoch is not None and end:
+        start = data.rfind(b'\n', 0, end - 1) + 1
+        epoch = _logged_epoch(data[start:end])
+        if epoch is None or epoch < next_epoch:
+            break
+        later.append(epoch)
+        end = start
+    if later:
+        plural = 's' if len(later) > 1 else ''
+        removed.append(f'the line{plural} of epoch{plural} {", ".join(map(str, sorted(later)))}, which the checkpoint '
+                       'does not hold (run again)')
+    if removed:
+        try:
+            os.truncate(path, end)
+        except OSError as err:
+            raise write_error(path, err, 'it is left as it was') from None
+        print(f'Repaired {path}: removed {" and ".join(removed)}')
 
 
 # ---------------------------------------------------------------------------------------------

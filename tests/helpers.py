@@ -1,4 +1,8 @@
-"""Shared pieces of the end-to-end tests: the papers' commands, small datasets and checkpoints."""
+"""Shared pieces of the end-to-end tests: the papers' commands, small datasets and checkpoints, and the one way
+tests start processes (``Launch``, ``run``)."""
+import builtins
+import contextlib
+import errno
 import os
 import re
 import shlex
@@ -6,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import timm
@@ -54,6 +60,16 @@ FEATURE_KD = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_small
 # Launches: main.py with every rank also saving its own state (rank_checkpoints.py), and how long one may take.
 PROBE = 'tests/rank_checkpoints.py'
 LAUNCH_TIMEOUT_S = 300
+SCRIPT_TIMEOUT_S = 120  # a script of a test that trains nothing (a figure, a probe, the GPU check's control flow)
+# A launched run gives up on a peer after a minute (--dist-timeout is in minutes; 30 by default), so that a hung
+# collective ends its processes well within LAUNCH_TIMEOUT_S.
+SHORT_DIST_TIMEOUT = ['--dist-timeout', '1']
+# Every process a test starts carries this variable in its environment, with a value of its own per start; the
+# processes they start inherit it (torchrun's workers, data loader workers), so that all of them can be found and
+# killed, whichever session they run in (torchrun starts each worker in a new one) and whoever their parent is now.
+LAUNCH_MARK = 'TEST_LAUNCH_MARK'
+KILL_WAIT_S = 10
+KILL_POLL_S = 0.05
 # Variables of an outer launcher that would redirect the launches under test.
 LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK')
 LAUNCHER_PREFIXES = ('SLURM_', 'PET_', 'TORCHELASTIC_')
@@ -69,10 +85,66 @@ def main_argv(command: str, **placeholders: str) -> list[str]:
     return words[words.index('main.py') + 1:]
 
 
-def run_main(argv: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+class Launch(subprocess.Popen):
+    """``argv`` started in the repository, in a session of its own and marked (``LAUNCH_MARK``). Leaving it as a
+    context manager, on success, failure, timeout or Ctrl-C alike, kills every process of it, so that no rank is
+    left on a GPU or a port after its test: ``subprocess.run``'s timeout kills only the process it started, and a
+    signal to the test's process group does not reach torchrun's workers."""
+
+    def __init__(self, argv: list[str], env: Optional[dict] = None, **popen_kwargs):
+        self.mark = uuid.uuid4().hex
+        super().__init__(argv, cwd=REPO, env={**(os.environ if env is None else env), LAUNCH_MARK: self.mark},
+                         start_new_session=True, **popen_kwargs)
+
+    def processes(self) -> list[int]:
+        """The live processes of this launch (a process killed but not yet reaped has no environment left)."""
+        entry = f'{LAUNCH_MARK}={self.mark}'.encode()
+        found = []
+        for path in Path('/proc').iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                if entry in (path / 'environ').read_bytes().split(b'\0'):
+                    found.append(int(path.name))
+        return found
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the launch, those it starts meanwhile too."""
+        deadline = time.monotonic() + KILL_WAIT_S
+        while (pids := self.processes()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(KILL_POLL_S)
+
+    def __exit__(self, *exc_info):
+        self.kill_all()
+        return super().__exit__(*exc_info)
+
+
+def process_alive(pid: int) -> bool:
+    """Running or sleeping, not a zombie waiting to be reaped."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def run(argv: list[str], timeout: float, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``argv`` run to its end in the repository (output captured as text), as a ``Launch``; past ``timeout``
+    seconds every process of it is killed and the test fails with the output so far."""
+    with Launch(argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill_all()
+            stdout, stderr = process.communicate()
+            raise AssertionError(f'{shlex.join(argv)} did not end within {timeout:g} s; all its processes were '
+                                 f'killed\n{stdout[-3000:]}{stderr[-3000:]}') from None
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def run_main(argv: list[str], timeout: float = 600, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """``python main.py ARGS`` in the repository, as a user runs it."""
-    return subprocess.run([sys.executable, 'main.py', *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return run([sys.executable, 'main.py', *argv], timeout, env)
 
 
 def make_shapes(root: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
@@ -102,8 +174,8 @@ def launch_env(**extra: str) -> dict:
 
 
 def launch(command: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env or launch_env(), capture_output=True,
-                            text=True, timeout=LAUNCH_TIMEOUT_S)
+    """``python COMMAND`` (a launcher and its processes) run to a successful end within ``LAUNCH_TIMEOUT_S``."""
+    result = run([sys.executable, *command], LAUNCH_TIMEOUT_S, env or launch_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -199,3 +271,56 @@ def check_compiled_matches_eager(device: torch.device, rel: float, rtol: float, 
         updated_terms, _ = losses_and_gradients(*compiled_models)
     assert updated_terms['base'] != pytest.approx(compiled_terms['base'])
     assert updated_terms == pytest.approx(losses_and_gradients(student, teacher, criterion)[0], rel=rel)
+
+
+class FaultyFile:
+    """A file as ``open`` returns it, on a disk with ``room`` bytes left: a write past them writes what fits, then
+    fails as the OS's write does on a full disk (ENOSPC) or, with ``kill``, is cut there by SIGKILL to this process
+    (a scheduler's kill, the OOM killer)."""
+
+    def __init__(self, file, room: int, kill: bool = False) -> None:
+        self._file, self._room, self._kill = file, room, kill
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast('B')
+        fits = min(len(data), max(self._room, 0))
+        self._room -= fits
+        if fits:
+            self._file.write(data[:fits])
+        if fits < len(data):
+            if self._kill:
+                self._file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fits
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+
+def faulty_open(matches: Callable[[str], bool], room: int, after: int = 0, kill: bool = False) -> Callable:
+    """``open`` for which the files opened for writing whose path ``matches`` are ``FaultyFile``s, except the first
+    ``after`` of them, written whole."""
+    real_open = builtins.open
+    opened = 0
+
+    def opener(file, mode='r', *args, **kwargs):
+        nonlocal opened
+        handle = real_open(file, mode, *args, **kwargs)
+        if not any(m in mode for m in 'wa') or not matches(os.fspath(file)):
+            return handle
+        opened += 1
+        return FaultyFile(handle, room, kill) if opened > after else handle
+
+    return opener
+
+
+def fill_disk_at(monkeypatch, matches: Callable[[str], bool], room: int = 1000, after: int = 0) -> None:
+    """The disk is full for the files opened for writing whose path ``matches``, after the first ``after``."""
+    monkeypatch.setattr(builtins, 'open', faulty_open(matches, room, after))

@@ -17,16 +17,18 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 
+import benchmark
 import checkpoints
 import dali_data
 import datasets
 import engine
 import main
 import models
+import students
 from benchmark import NUM_CLASSES, PAPER_CONFIGURATIONS, PaperConfiguration
-from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, assert_ranks_in_sync, assert_same_tensors,  # noqa: F401
-                     check_compiled_matches_eager, free_port, keep_signal_handlers, launch, make_shapes, rank_states,
-                     run_main, save_teacher, torchrun)
+from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, SHORT_DIST_TIMEOUT, assert_ranks_in_sync,  # noqa: F401
+                     assert_same_tensors, check_compiled_matches_eager, free_port, keep_signal_handlers, launch,
+                     make_shapes, rank_states, run_main, save_teacher, torchrun)
 from launch import LaunchEnvironment
 from test_golden import CASES as GOLDEN_CASES, TERM_RTOL as GOLDEN_TERM_RTOL
 from test_golden import build_case as build_golden_case, seeded_batch as golden_batch
@@ -109,7 +111,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def small_run(device: torch.device) -> list[str]:
-    return ['--input-size', str(SMALL_IMAGE_SIZE), '--num_workers', '0', '--device', device.type, '--print-freq', '1']
+    return ['--input-size', str(SMALL_IMAGE_SIZE), '--num_workers', '0', '--device', device.type, '--print-freq', '1',
+            *SHORT_DIST_TIMEOUT]
 
 
 @pytest.fixture(scope='module')
@@ -401,6 +404,39 @@ def test_a_paper_step_fits_an_80_gb_gpu(configuration, device):
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     assert peak < GPU_MEMORY_BYTES, f'{configuration.mode}: {peak / 2 ** 30:.1f} GiB at batch {args.batch_size}'
+
+
+def students_peak_and_held(device: torch.device, *variants: str) -> tuple[int, int]:
+    """The peak memory of the second shared step of the [CLS]-KD configuration's students (DeiT-Ti, and the
+    ``--variant``s) on one random DeiT-B teacher at the paper's per-GPU batch, and the bytes their weights, EMA and
+    optimizer states hold."""
+    parser = main.command_line_parser()
+    args = parser.parse_args([*CLSKD.argv(), '--device', device.type, *variants])
+    built, teacher = benchmark.build_students(args, students.parse_variants(parser, args, main.check_student_args),
+                                              device)
+    samples, targets = mixed_batch(args, device, CLSKD.batch_size)
+    engine.train_step(built, teacher, samples, targets)  # the optimizers' state
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    engine.train_step(built, teacher, samples, targets)
+    torch.cuda.synchronize(device)
+    held = sum(t.nbytes for student in built for module in (student.model, student.model_ema.module)
+               for t in module.state_dict().values())
+    held += sum(t.nbytes for student in built for state in student.optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor))
+    peak = torch.cuda.max_memory_allocated(device)
+    del built, teacher, samples, targets
+    torch.cuda.empty_cache()
+    return peak, held
+
+
+def test_students_share_one_teacher_within_one_students_activations(device):
+    """The two [CLS]-KD headline students (DeiT-Ti and DeiT-S) on one DeiT-B forward at batch 128: the peak stays
+    below that of DeiT-S alone plus both students' weights, EMA and optimizer states (one student's activations and
+    gradients alive at a time)."""
+    alone, _ = students_peak_and_held(device, '--model', 'deit_small_patch16_224')
+    shared, held = students_peak_and_held(device, '--variant', 'small: --model deit_small_patch16_224')
+    assert shared < alone + held, f'{shared / 2 ** 30:.2f} GiB shared, {alone / 2 ** 30:.2f} GiB alone'
 
 
 # nvJPEG on the GPU and libjpeg-turbo on the CPU round differently, the resampling is the same: the normalised pixels

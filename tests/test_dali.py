@@ -2,6 +2,7 @@
 rank reads, DeiT's transform against timm's PIL pipeline in distribution (crop, flip, RandAugment's draws, each op
 at a fixed magnitude, the output's channel statistics), the evaluation transform pixel by pixel, training, a
 torchrun launch, bad files and refused flags. The tolerances are stated where they are used."""
+import contextlib
 import json
 import math
 import random
@@ -22,7 +23,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 import dali_data
 import datasets
 import main
-from helpers import LAUNCH_TIMEOUT_S, PROBE, REPO, launch, launch_env, rank_states, run_main, torchrun
+from helpers import (LAUNCH_TIMEOUT_S, PROBE, SHORT_DIST_TIMEOUT, Launch, launch, launch_env, rank_states, run_main,
+                     torchrun)
 from launch import LaunchEnvironment
 from shapes import make_shapes_dataset
 
@@ -366,7 +368,7 @@ def test_torchrun_trains_on_two_processes_with_each_ranks_share(jpegs, tmp_path)
     out = tmp_path / 'run'
     result = launch(torchrun('--nproc_per_node=2', PROBE, *flags(
         jpegs, '--model', 'deit_tiny_patch16_224', '--epochs', '2', '--output_dir', str(out), '--num_workers', '1',
-        '--batch-size', '4', '--distributed')), env=launch_env())
+        '--batch-size', '4', '--distributed', *SHORT_DIST_TIMEOUT)), env=launch_env())
     assert result.returncode == 0
     states = rank_states(out, 2)
     per_rank = [[entry['indices'] for entry in state['sampler_log']] for state in states]
@@ -460,15 +462,16 @@ def test_dali_trains_to_the_pil_loaders_accuracy(tmp_path):
     env = launch_env()  # one thread per process
     pending = list(runs.items())
     while pending:
-        started = [(key, out, subprocess.Popen(
-            [sys.executable, 'main.py', '--data-set', 'IMNET', '--data-path', str(data), '--input-size', '64',
-             '--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--batch-size', '32', '--epochs', '10',
-             '--num_workers', '0' if key[0] == 'pil' else '1', '--data-backend', key[0], '--seed', str(key[1]),
-             '--output_dir', str(out), *SHORT_RECIPE], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)) for key, out in pending[:2]]
-        pending = pending[2:]
-        for key, out, process in started:
-            assert process.wait(timeout=LAUNCH_TIMEOUT_S) == 0, (key, process.stderr.read()[-3000:])
+        with contextlib.ExitStack() as launches:
+            started = [(key, launches.enter_context(Launch(
+                [sys.executable, 'main.py', '--data-set', 'IMNET', '--data-path', str(data), '--input-size', '64',
+                 '--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--batch-size', '32', '--epochs', '10',
+                 '--num_workers', '0' if key[0] == 'pil' else '1', '--data-backend', key[0], '--seed', str(key[1]),
+                 '--output_dir', str(out), *SHORT_RECIPE], env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True))) for key, out in pending[:2]]
+            pending = pending[2:]
+            for key, process in started:
+                assert process.wait(timeout=LAUNCH_TIMEOUT_S) == 0, (key, process.stderr.read()[-3000:])
     accuracy = {key: final_accuracy(out) for key, out in runs.items()}
     per_backend = {backend: [accuracy[backend, seed] for seed in TRAINING_SEEDS] for backend in ('pil', 'dali')}
     pooled = math.sqrt((statistics.variance(per_backend['pil']) + statistics.variance(per_backend['dali'])) / 2)

@@ -3,6 +3,7 @@
 Every launch runs the real training or evaluation of main.py in separate processes. ``rank_checkpoints.py`` is
 main.py with one addition, every rank saving its own state, so that the ranks can be compared after training.
 """
+import contextlib
 import json
 import re
 import signal
@@ -17,8 +18,9 @@ import torch
 
 import checkpoints
 import main
-from helpers import (CLSKD_TRAIN, FEATURE_KD, LAUNCH_TIMEOUT_S, PROBE, REPO, assert_ranks_in_sync, assert_same_tensors,
-                     free_port, launch, launch_env, main_argv, rank_states, save_teacher, torchrun)
+from helpers import (CLSKD_TRAIN, FEATURE_KD, LAUNCH_TIMEOUT_S, PROBE, SHORT_DIST_TIMEOUT, Launch,
+                     assert_ranks_in_sync, assert_same_tensors, free_port, launch, launch_env, main_argv,
+                     process_alive, rank_states, run, save_teacher, torchrun)
 from samplers import RASampler, ShardedEvalSampler
 from shapes import make_shapes_dataset
 
@@ -27,7 +29,8 @@ NUM_REPEATS = 3  # RASampler's default
 IMAGE_SIZE = 32
 TRAIN_PER_CLASS = 2
 # Tiny, CPU-only, single-threaded runs: two processes share the machine's cores.
-SMALL_RUN = ['--input-size', str(IMAGE_SIZE), '--num_workers', '0', '--device', 'cpu', '--print-freq', '1']
+SMALL_RUN = ['--input-size', str(IMAGE_SIZE), '--num_workers', '0', '--device', 'cpu', '--print-freq', '1',
+             *SHORT_DIST_TIMEOUT]
 ACC_LINE = re.compile(r'^\* Acc@1 \d+\.\d{3} Acc@5 \d+\.\d{3} loss \d+\.\d{3}$', re.M)
 # Eval set: an odd number of images and classes, so that the shards are uneven and Acc@5 is not trivially 100.
 EVAL_CLASSES = 13
@@ -139,19 +142,16 @@ def test_torchrun_two_nodes_keeps_ranks_identical(shapes, teacher, train_size, t
     """Two torchrun launches, one per "node", meeting at a rendezvous on localhost."""
     out = tmp_path / 'run'
     port = free_port()
-    procs = []
-    for node_rank in range(WORLD_SIZE):
-        command = torchrun('--nnodes=2', f'--node_rank={node_rank}', '--nproc_per_node=1',
-                           '--master_addr=127.0.0.1', f'--master_port={port}')
-        procs.append(subprocess.Popen(
-            [sys.executable, *command, PROBE, '--distributed', '--data-path', str(shapes), '--teacher-path',
-             str(teacher), '--output_dir', str(out), '--epochs', '1', *FEATURE_KD, *SMALL_RUN],
-            cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
+    with contextlib.ExitStack() as launches:
+        procs = []
+        for node_rank in range(WORLD_SIZE):
+            command = torchrun('--nnodes=2', f'--node_rank={node_rank}', '--nproc_per_node=1',
+                               '--master_addr=127.0.0.1', f'--master_port={port}')
+            procs.append(launches.enter_context(Launch(
+                [sys.executable, *command, PROBE, '--distributed', '--data-path', str(shapes), '--teacher-path',
+                 str(teacher), '--output_dir', str(out), '--epochs', '1', *FEATURE_KD, *SMALL_RUN],
+                launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
         outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
     states = rank_states(out, WORLD_SIZE)
@@ -202,23 +202,22 @@ def test_slurm_tasks_train_and_stop_together_when_one_is_preempted(shapes, tmp_p
     out = tmp_path / 'run'
     port = free_port()
     argv = ['main.py', '--data-path', str(shapes), '--output_dir', str(out), '--model', 'deit_tiny_patch16_224',
-            '--batch-size', '2', '--epochs', str(SLURM_EPOCHS), '--dist-port', str(port), '--dist-timeout', '1',
-            *SMALL_RUN]
-    procs = []
-    for rank in range(WORLD_SIZE):
-        env = launch_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(WORLD_SIZE),
-                         SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='127.0.0.1')
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    try:
+            '--batch-size', '2', '--epochs', str(SLURM_EPOCHS), '--dist-port', str(port), *SMALL_RUN]
+    with contextlib.ExitStack() as launches:
+        procs = []
+        for rank in range(WORLD_SIZE):
+            # What srun gives each task of its step (here a step of both tasks on one node).
+            env = launch_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(WORLD_SIZE),
+                             SLURM_STEP_ID='0', SLURM_STEP_NUM_TASKS=str(WORLD_SIZE), SLURM_NODEID='0',
+                             SLURM_STEP_TASKS_PER_NODE=str(WORLD_SIZE), SLURM_JOB_ID='4242',
+                             SLURM_JOB_NODELIST='127.0.0.1')
+            procs.append(launches.enter_context(Launch([sys.executable, *argv], env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True)))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         while not (out / 'log.txt').exists() and procs[1].poll() is None and time.monotonic() < deadline:
             time.sleep(POLL_S)
         procs[1].send_signal(signal.SIGTERM)
         outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert f'| distributed init (rank {rank}): env://, backend gloo' in output, output[-3000:]
         assert proc.returncode == main.EXIT_REQUEUE, output[-3000:]
@@ -230,3 +229,37 @@ def test_slurm_tasks_train_and_stop_together_when_one_is_preempted(shapes, tmp_p
     assert 1 <= len(log) < SLURM_EPOCHS and checkpoint['epoch'] == log[-1]['epoch']
     # No --distributed on the command line: the SLURM variables alone made it a two-process run.
     assert checkpoint['args'].dist_port == port and len(checkpoint['rng_states']) == WORLD_SIZE
+
+
+# A launcher that starts its workers as torchrun does, each in a session of its own (the elastic agent's
+# SubprocessHandler passes start_new_session=True), and hangs. Each worker ignores SIGTERM and SIGINT, as a rank
+# blocked in a collective does, and starts a child of its own (a data loader worker). All write their process ids.
+HANGING_WORKER = '''
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen(['sleep', '600'])
+print(os.getpid(), child.pid, flush=True)
+time.sleep(600)
+'''
+HANGING_LAUNCHER = f'''
+import os, subprocess, sys, time
+with open(sys.argv[1], 'a') as pids:
+    print(os.getpid(), file=pids, flush=True)
+    workers = [subprocess.Popen([sys.executable, '-c', {HANGING_WORKER!r}], stdout=pids, start_new_session=True)
+               for _ in range(2)]
+time.sleep(600)
+'''
+HANGING_PROCESSES = 5  # the launcher, two workers, their two children
+HANG_TIMEOUT_S = 5
+
+
+def test_a_launch_past_its_timeout_leaves_no_process_behind(tmp_path):
+    """A launch that hangs fails its test at the timeout, and none of its processes survives it: not the launcher,
+    not the workers in their own sessions that ignore SIGTERM, not their children."""
+    pids = tmp_path / 'pids'
+    with pytest.raises(AssertionError, match=f'did not end within {HANG_TIMEOUT_S} s; all its processes were killed'):
+        run([sys.executable, '-c', HANGING_LAUNCHER, str(pids)], HANG_TIMEOUT_S, launch_env())
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == HANGING_PROCESSES, started
+    assert [pid for pid in started if process_alive(pid)] == []

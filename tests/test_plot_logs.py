@@ -1,11 +1,10 @@
 """figs/plot_logs.py draws log.txt files of several runs side by side."""
 import json
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, SCRIPT_TIMEOUT_S, run
 
 sys.path.insert(0, str(REPO / 'figs'))
 
@@ -35,8 +34,8 @@ def test_cli_plots_logs_and_run_directories(tmp_path):
     first = write_log(tmp_path / 'no_teacher', ['base', 'loss'])
     second = write_log(tmp_path / 'clskd', ['base', 'kd', 'cls', 'atn', 'loss'], epochs=5)
     out = tmp_path / 'figs' / 'curves.png'
-    result = subprocess.run([sys.executable, 'figs/plot_logs.py', str(first), str(second.parent), '--out', str(out)],
-                            cwd=REPO, capture_output=True, text=True)
+    result = run([sys.executable, 'figs/plot_logs.py', str(first), str(second.parent), '--out', str(out)],
+                 SCRIPT_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes().startswith(PNG_MAGIC)
     assert result.stdout.strip() == str(out)
@@ -50,8 +49,8 @@ def test_half_written_last_line_is_skipped(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, 'figs/plot_logs.py', str(tmp_path / 'missing.txt'),
-                             '--out', str(tmp_path / 'x.png')], cwd=REPO, capture_output=True, text=True)
+    result = run([sys.executable, 'figs/plot_logs.py', str(tmp_path / 'missing.txt'), '--out', str(tmp_path / 'x.png')],
+                 SCRIPT_TIMEOUT_S)
     assert result.returncode == 2
     assert result.stderr.strip() == f'error: no such log file: {tmp_path / "missing.txt"}'
 

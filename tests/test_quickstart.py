@@ -1,12 +1,11 @@
 """figs/quickstart.py, in its --smoke budget (two seeds): every run goes through main.py and the report gives each
 method's mean and spread over the seeds."""
 import re
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import run
 
 PNG_MAGIC = b'\x89PNG'
 METHODS = ('teacher (from scratch)', 'no teacher', 'DeiT soft KD', 'Manifold', '[CLS]-KD + Manifold')
@@ -20,7 +19,7 @@ SMOKE_SECONDS = 300  # generous: the smoke budget takes about a minute on 2 core
 def test_smoke_quickstart_writes_table_and_figures(tmp_path):
     out = tmp_path / 'quickstart'
     command = [sys.executable, 'figs/quickstart.py', '--out', str(out), '--smoke']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_SECONDS)
+    result = run(command, SMOKE_SECONDS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     rows = list(ROW.finditer((out / 'results.md').read_text()))
@@ -49,9 +48,8 @@ def test_smoke_quickstart_writes_table_and_figures(tmp_path):
                      re.M)
 
     # A second call with the same settings reuses the finished runs.
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_SECONDS)
+    again = run(command, SMOKE_SECONDS)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count('finished earlier') == len(commands)
-    changed = subprocess.run(command + ['--epochs', '2'], cwd=REPO, capture_output=True, text=True,
-                             timeout=SMOKE_SECONDS)
+    changed = run(command + ['--epochs', '2'], SMOKE_SECONDS)
     assert changed.returncode == 1 and 'other settings (epochs)' in changed.stderr

@@ -3,7 +3,6 @@ import builtins
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.distributed as dist
 
 import engine
 import utils
+from helpers import SCRIPT_TIMEOUT_S, run
 from launch import LaunchEnvironment
 from utils import MetricLogger, SmoothedValue, format_seconds
 
@@ -149,8 +149,9 @@ def test_retain_freed_memory_reuses_pages_of_freed_tensors():
 
     def faults(retain: bool) -> int:
         code = FAULT_PROBE.format(repo=repo, retain=retain, mib=mib, warmup=warmup, repeats=repeats)
-        return int(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                                  check=True).stdout)
+        probe = run([sys.executable, '-c', code], SCRIPT_TIMEOUT_S)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        return int(probe.stdout)
 
     assert faults(retain=False) >= repeats * pages_per_tensor // 2  # the default maps every tensor afresh
     assert faults(retain=True) < pages_per_tensor // 10

@@ -5,7 +5,9 @@ Runs go through ``main.run`` in this process (or torchrun on two processes), on 
 import json
 import re
 import shlex
+import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ import checkpoints
 import engine
 import main
 import students
-from helpers import ACCURACY_LINE, free_port, launch, launch_env, save_teacher, torchrun
+import utils
+from helpers import ACCURACY_LINE, LAUNCH_TIMEOUT_S, free_port, launch, launch_env, run, save_teacher, torchrun
 from helpers import one_thread, keep_signal_handlers  # noqa: F401 (fixtures)
 from shapes import SHAPES_NUM_CLASSES, make_shapes_dataset
 
@@ -51,7 +54,7 @@ def variant_flags(variants: dict[str, str]) -> list[str]:
 
 
 def read_log(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / 'log.txt').read_text().splitlines()]
+    return [json.loads(line) for line in (folder / utils.LOG_NAME).read_text().splitlines()]
 
 
 def recording_batches(monkeypatch) -> list[tuple[float, float]]:
@@ -108,7 +111,7 @@ def test_each_student_folder_holds_a_single_runs_files_and_the_table_compares_th
     assert sorted(p.name for p in out.iterdir()) == sorted([students.BASE_NAME, *VARIANTS, students.TABLE_NAME])
     for name in [students.BASE_NAME, *VARIANTS]:
         assert sorted(p.name for p in (out / name).iterdir()) == sorted(
-            [checkpoints.CHECKPOINT_NAME, checkpoints.BEST_CHECKPOINT_NAME, students.LOG_NAME])
+            [checkpoints.CHECKPOINT_NAME, checkpoints.BEST_CHECKPOINT_NAME, utils.LOG_NAME])
     table = (out / students.TABLE_NAME).read_text()
     rows = [line for line in table.splitlines() if line.startswith('| ') and not line.startswith('| student')
             and not line.startswith('| ---')]
@@ -241,3 +244,59 @@ def test_torchrun_trains_checkpoints_resumes_and_evaluates_each_student(data, tm
                              str(out / name / checkpoints.CHECKPOINT_NAME))) == 0
         evaluated = ACCURACY_LINE.search(capsys.readouterr().out)
         assert float(evaluated[1]) == pytest.approx(log[-1]['test_acc1'], abs=0.001)
+
+
+def test_room_is_checked_for_every_students_checkpoints_at_once(data, tmp_path, capsys, monkeypatch):
+    """The students' folders share a file system: the room asked for is the sum of their checkpoints', before any
+    step, in one line."""
+    out = tmp_path / 'run'
+    single = students.checkpoint_bytes(main.get_args_parser().parse_args(argv(data, out)), SHAPES_NUM_CLASSES)
+    usage = shutil.disk_usage(tmp_path)
+    # Room for one student's checkpoints, not for three students'.
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=2 * checkpoints.room_needed(out, single)))
+    assert main.run(argv(data, out, '--epochs', '1', *variant_flags(VARIANTS))) == main.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f'error: --output_dir {out}: ') and 'MB needed' in err
+    assert not any(path.is_file() for path in out.rglob('*'))
+
+
+MEMORY_PROBE = '''
+import resource, sys
+import torch
+import benchmark, engine, main, students, utils
+utils.retain_freed_memory()  # freed memory is reused, as in training: the peak is the high-water mark
+parser = main.command_line_parser()
+args = parser.parse_args(sys.argv[1:])
+variants = students.parse_variants(parser, args, main.check_student_args)
+built, teacher = benchmark.build_students(args, variants, torch.device('cpu'))
+samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+targets = torch.randint(0, 1000, (args.batch_size,))
+for _ in range(2):
+    engine.train_step(built, teacher, samples, targets)
+held = 0
+for student in built:
+    held += sum(t.nbytes for t in student.model.state_dict().values())
+    held += sum(t.nbytes for t in student.model_ema.module.state_dict().values())
+    held += sum(t.nbytes for state in student.optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, held)
+'''
+MEMORY_RUN = ['--model', 'deit_tiny_patch16_224', '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type',
+              'soft', '--s-id', '0', '11', '--t-id', '0', '11', '--w-cls', '1', '--w-atn', '1', '--batch-size', '16',
+              '--device', 'cpu']
+
+
+def test_students_hold_one_students_activations_at_a_time():
+    """Peak memory (the process's high-water mark) of three students stays below that of one plus the three
+    students' weights, EMA and optimizer states: the students step one after another, each one's activations and
+    gradients freed before the next. At 224 px and batch 16 a DeiT-Ti step's activations are several times its
+    weights and optimizer state, so that two students' alive at once would break the bound."""
+    def peak_and_held(*extra: str) -> tuple[int, int]:
+        result = run([sys.executable, '-c', MEMORY_PROBE, *MEMORY_RUN, *extra], LAUNCH_TIMEOUT_S,
+                     launch_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tuple(map(int, result.stdout.split()[-2:]))
+
+    one, _ = peak_and_held()
+    three, held = peak_and_held('--variant', 'b: --seed 1', '--variant', 'c: --w-atn 2')
+    assert three < one + held, (three, one, held)
