@@ -411,7 +411,7 @@ def students_peak_and_held(device: torch.device, *variants: str) -> tuple[int, i
     ``--variant``s) on one random DeiT-B teacher at the paper's per-GPU batch, and the bytes their weights, EMA and
     optimizer states hold."""
     parser = main.command_line_parser()
-    args = parser.parse_args([*CLSKD.argv(), '--device', device.type, *variants])
+    args = parser.parse_args([*CLSKD.argv(), '--device', device.type, '--benchmark', *variants])  # a random teacher
     built, teacher = benchmark.build_students(args, students.parse_variants(parser, args, main.check_student_args),
                                               device)
     samples, targets = mixed_batch(args, device, CLSKD.batch_size)
