@@ -21,14 +21,15 @@ from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
 from timm.optim import get_optimizer_info
 from timm.scheduler import create_scheduler, create_scheduler_v2
-from timm.utils import ModelEmaV2, random_seed
+from timm.utils import random_seed
 
 import benchmark
 import checkpoints
 import utils
 from dali_data import check_dali_flags
 from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_data_loaders, build_dataset, build_mixup
-from engine import NonFiniteLossError, Precision, StopSignal, build_optimizer, evaluate, train_one_epoch
+from engine import (NonFiniteLossError, Precision, StopSignal, build_model_ema, build_optimizer, evaluate,
+                    train_one_epoch)
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import build_criterion, feature_distillation
 from models import (check_timm_weights, check_token_shapes, compile_models, create_student, load_teacher,
@@ -519,7 +520,7 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         utils.retain_freed_memory()
     if args.benchmark:
         if args.papers:
-            return benchmark.run_papers(args, command_line_parser(), check_args)
+            return benchmark.run_papers(args, command_line_parser(), check_args, device)
         benchmark.run(args, device)
         return 0
     # Made first so that a missing optional dependency stops the run before data and models are built.
@@ -559,10 +560,7 @@ def main(args: argparse.Namespace, launch: LaunchEnvironment, device: torch.devi
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     # After DDP has broadcast rank 0's weights, so that every rank's EMA starts from the same model.
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
+    model_ema = build_model_ema(args, model_without_ddp)
     criterion = build_criterion(args)
     if args.compile:
         model, teacher, criterion = compile_models(model, teacher, criterion)

@@ -68,7 +68,8 @@ LOSS_PRINT_TOLERANCE = 1e-3  # and the loss
 
 @pytest.fixture()
 def device() -> torch.device:
-    return torch.device('cuda')
+    """The current GPU with its index, as ``main.process_device`` resolves ``--device cuda``."""
+    return torch.device('cuda', torch.cuda.current_device())
 
 
 @pytest.fixture()
@@ -434,7 +435,8 @@ def test_dali_decodes_on_the_gpu_and_agrees_with_its_cpu_backend(small_jpegs, de
         val, _ = datasets.build_dataset(False, args)
         loader_train, loader_val = dali_data.build_dali_loaders(args, train, val, LaunchEnvironment(), where)
         images, targets = next(iter(loader_train))
-        assert images.device.type == where.type and images.shape == (8, 3, 64, 64) and targets.device.type == where.type
+        assert images.device == targets.device == where and images.shape == (8, 3, 64, 64)
+        assert loader_train._built.device_id == where.index  # the pipeline itself is on that GPU (None: the CPU)
         outputs[name] = torch.cat([images.cpu() for images, _ in loader_val])
     difference = (outputs['cuda'] - outputs['cpu']).abs()
     assert difference.mean(dim=(1, 2, 3)).max() <= DALI_DEVICE_MEAN_TOLERANCE

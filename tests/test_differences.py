@@ -136,6 +136,38 @@ def test_fused_adamw_changes_the_update_at_rounding_level():
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-9), name
 
 
+# EMA weights after 100 updates: one batched update against the originals' per-tensor arithmetic, relative and
+# absolute. Measured: 1.2e-7 at most (one float32 rounding of a weight near 1, the sum rounded once instead of twice);
+# timm's ModelEmaV3 as it is (a lerp) was 2.4e-6 apart, the originals' arithmetic itself 2.1e-6 from the same EMA in
+# float64.
+EMA_STEPS = 100
+EMA_TOLERANCE = 1e-6
+WEIGHT_CHANGE_PER_STEP = 1e-3
+
+
+def test_model_ema_is_the_originals_arithmetic_to_rounding():
+    """The EMA of ``--model-ema`` (its default decay) against timm 0.5.4's ``ModelEma`` update, written out as the
+    originals run it on every state_dict entry: ``ema = decay * ema + (1 - decay) * model``."""
+    model = tiny_model()
+    args = main.get_args_parser().parse_args([])
+    ema = engine.build_model_ema(args, model)
+    originals = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    decay = args.model_ema_decay
+    with torch.no_grad():
+        for _ in range(EMA_STEPS):
+            for param in model.parameters():
+                param.add_(WEIGHT_CHANGE_PER_STEP * torch.randn(param.shape, generator=generator))
+            ema.update(model)
+            for name, value in model.state_dict().items():
+                originals[name].copy_(originals[name] * decay + (1. - decay) * value)
+    ours = ema.module.state_dict()
+    assert list(ours) == list(originals)
+    for name, value in originals.items():
+        assert not torch.equal(ours[name], model.state_dict()[name]), name
+        torch.testing.assert_close(ours[name], value, rtol=EMA_TOLERANCE, atol=EMA_TOLERANCE)
+
+
 @pytest.mark.parametrize('flags,expected', [
     ([], torch.bfloat16),
     (['--no-amp'], torch.float32),

@@ -136,6 +136,20 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
     assert fed and 0 < float(fed[1]) and 0 < int(fed[2]) <= 150, out
 
 
+def test_the_benchmarks_step_is_trainings_with_its_ema_update():
+    """The timed step is what training does per step: the step of ``engine.training_step`` with the EMA update
+    (``--model-ema`` is the default) and the host sync."""
+    args = main.get_args_parser().parse_args(['--device', 'cpu', '--model', 'deit_tiny_patch16_224', '--input-size',
+                                              '32', '--batch-size', '2', '--no-amp'])
+    step = benchmark.build_step(args, torch.device('cpu'))
+    assert step.model_ema is not None
+    before = {name: value.clone() for name, value in step.model_ema.module.state_dict().items()}
+    samples, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
+    benchmark.run_step(step, *step.mixup_fn(samples, targets))
+    after = step.model_ema.module.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
 def test_papers_mode_takes_only_run_flags(capsys):
     """``benchmark.py --papers`` sets the models, losses and batches itself: another such flag is one line, exit 2."""
     argv = ['--benchmark', '--papers', '--device', 'cpu', '--model', 'deit_small_patch16_224']
