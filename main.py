@@ -146,6 +146,7 @@ def augmentation_policy(text: str) -> str:
 
 
 def device_name(text: str) -> str:
+    """A device ``torch.device`` parses (cuda, cuda:1, cpu)."""
     try:
         torch.device(text)
     except RuntimeError:
