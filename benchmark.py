@@ -1,11 +1,12 @@
 """Speed of the real training step: images/s, ms/step, peak memory, model FLOPs and MFU.
 
 ``python benchmark.py <training flags>`` (or ``python main.py --benchmark <training flags>``) builds the models,
-criterion and optimizer as training does and times ``engine.training_step`` (``compute_losses``, backward,
-optimizer step) on synthetic batches. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``: teacher
-forward, student forward and backward, loss terms. MFU is against the GPU's dense bf16 peak (``--peak-tflops`` to
-set it), or on a CPU against the matmul rate measured in the same run. With ``--data-path`` the training DataLoader
-is timed alone too.
+criterion, optimizer and model EMA as training does and times ``engine.training_step`` (``compute_losses``,
+backward, optimizer step, EMA update) and its host sync on synthetic batches. FLOPs are counted by
+``torch.utils.flop_counter.FlopCounterMode``: teacher forward, student forward and backward, loss terms. MFU is against the GPU's dense bf16 peak (``--peak-tflops`` to
+set it), or on a CPU against the matmul rate measured in the same run. With ``--data-path`` the training loader is
+timed alone too, and the step fed by it, both in steady state: inside one epoch, after the loader's start and the
+batches it holds ahead.
 
 ``python benchmark.py --papers <run flags>`` (``main.py --benchmark --papers``) times the papers' three
 configurations, eager and compiled, and prints one markdown table in the layout of the Performance table; with
@@ -16,9 +17,9 @@ The script is ``main.py --benchmark``: ``main`` imports this module and hands it
 the module builds from ``engine``, ``models``, ``datasets`` and ``losses`` only.
 """
 import argparse
+import functools
 import gc
 import glob
-import itertools
 import math
 import os
 import shlex
@@ -26,20 +27,20 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import timm
 from torch.utils import flop_counter
-from timm.utils import ModelEmaV2, random_seed
+from timm.utils import random_seed, unwrap_model
 from torch.utils.flop_counter import FlopCounterMode
 
+import dali_data
 import models
-import utils
+import students
 from datasets import IMAGENET_NUM_CLASSES, build_data_loaders, build_dataset, build_mixup
-from engine import (Precision, Student, build_optimizer, step_values_over_processes, teacher_forward, train_step,
-                    training_step)
+from engine import Precision, Student, build_model_ema, build_optimizer, step_values_over_processes, teacher_forward, train_step
 from launch import LaunchEnvironment
 from losses import build_criterion
 from utils import UserError
@@ -83,13 +84,16 @@ MANIFOLD_GPU_BATCH = 64
 # What ``--papers`` takes from its command line; the models, losses and batch sizes are its own.
 PAPERS_RUN_FLAGS = ('device', 'seed', 'benchmark_steps', 'benchmark_warmup', 'peak_tflops', 'amp', 'amp_dtype',
                     'amp_cpu', 'data_path', 'data_set', 'num_workers', 'pin_mem', 'benchmark', 'papers', 'data_backend')
-# The loaders alone are timed on batches of this size, over this many after as many untimed ones (workers start).
+# The loaders alone are timed on batches of this size, over at least this many after at least as many untimed
+# ones (the loader's start), in steady state (benchmark.steady_window).
 DATA_TIMING_BATCH = 32
 DATA_WARMUP_BATCHES = 8
 DATA_TIMED_BATCHES = 24
+DATALOADER_PREFETCH_FACTOR = 2  # torch.utils.data.DataLoader's default: batches each worker makes ahead
 # /proc/<pid>/stat, after the process name: user and system CPU time in clock ticks.
 PROC_STAT_UTIME = 11
 PROC_STAT_STIME = 12
+DALI_THREAD_PREFIX = '[DALI]'  # the names DALI gives its threads (/proc/<pid>/task/<tid>/comm)
 PRECISION_NAMES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 TABLE_HEADER = ('| mode | device | precision | batch | images/s | ms/step | memory | GFLOPs/image | MFU |\n'
                 '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
@@ -114,6 +118,9 @@ class PaperConfiguration:
                 '--batch-size', str(self.batch_size)]
 
 
+# The two [CLS]-KD headline students on one DeiT-B forward: the DeiT-Ti configuration with DeiT-S as a variant.
+CLSKD_SMALL_VARIANT = 'small: --model deit_small_patch16_224'
+SHARED_MODE = '[CLS]-KD, DeiT-B → DeiT-Ti + DeiT-S, one teacher forward'
 PAPER_CONFIGURATIONS = (
     PaperConfiguration('[CLS]-KD, DeiT-B → DeiT-Ti', 'deit_tiny_patch16_224', 'deit_base_patch16_224', CLSKD_FLAGS,
                        CLSKD_GPU_BATCH),
@@ -122,6 +129,7 @@ PAPER_CONFIGURATIONS = (
     PaperConfiguration('Manifold, CaiT-S24 → DeiT-Ti', 'deit_tiny_patch16_224', 'cait_s24_224', MANIFOLD_FLAGS,
                        MANIFOLD_GPU_BATCH),
 )
+CLSKD = PAPER_CONFIGURATIONS[0]
 
 
 def count_cpu_attention_flops() -> None:
@@ -190,16 +198,14 @@ def time_training_step(step: 'Step', device: torch.device, batch_size: int, inpu
     from the caches). Step time and rate are medians.
     """
     count_cpu_attention_flops()
-    step.model.train()
+    step.train()
     samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
     targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     if step.mixup_fn is not None:
         samples, targets = step.mixup_fn(samples, targets)
 
     def one_step() -> None:
-        # The step's one host sync, as training has it.
-        step_values_over_processes(training_step(step.model, step.teacher, step.criterion, step.optimizer,
-                                                 step.precision, samples, targets).values(), False)
+        run_step(step, samples, targets)
 
     for _ in range(warmup):
         one_step()
@@ -240,45 +246,104 @@ def time_training_step(step: 'Step', device: torch.device, batch_size: int, inpu
 
 @dataclass
 class Step:
-    """What ``engine.training_step`` takes, built as training builds it."""
-    model: nn.Module
+    """What ``engine.train_step`` takes, built as training builds it: the students (one, or with ``--variant``
+    several), their teacher, and mixup."""
+    students: list[Student]
     teacher: Optional[nn.Module]
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    precision: Precision
     mixup_fn: Any
 
+    @property
+    def precision(self) -> Precision:
+        """The autocast of the step (the students' precisions differ only in their grad scalers)."""
+        return self.students[0].precision
 
-def build_step(args, device: torch.device) -> Step:
+    def train(self) -> None:
+        for student in self.students:
+            student.model.train()
+
+
+def build_step(args, device: torch.device, variants: Optional[Sequence] = None) -> Step:
+    """The step of the flags ``args`` (or of the students ``variants``, ``students.Variant``s, on one teacher): the
+    teacher (random weights without ``--teacher-path``) and each student with its EMA, optimizer (at ``--lr`` as
+    given) and criterion, compiled with ``--compile``."""
     random_seed(args.seed)
+    flags = [variant.args for variant in variants] if variants else [args]
+    names = [variant.name for variant in variants] if variants else ['']
     precision = Precision.for_training(args, device)
-    teacher = models.load_teacher(args, NUM_CLASSES, device, precision.dtype)
-    model = models.create_student(args, teacher, NUM_CLASSES).to(device)
-    optimizer = build_optimizer(args, model, device, args.lr)
-    criterion = build_criterion(args)
-    if args.compile:
-        model, teacher, criterion = models.compile_models(model, teacher, criterion)
-    return Step(model, teacher, criterion, optimizer, precision, build_mixup(args, NUM_CLASSES))
+    teacher = models.load_teacher(args, NUM_CLASSES, device, precision.dtype, flags)
+    students = []
+    for name, student_args in zip(names, flags):
+        model = models.create_student(student_args, teacher, NUM_CLASSES).to(device)
+        model_ema = build_model_ema(student_args, model)
+        optimizer = build_optimizer(student_args, model, device, student_args.lr)
+        criterion = build_criterion(student_args)
+        if args.compile:
+            model, criterion = models.compile_student(model, criterion)
+        students.append(Student(name, model, criterion, optimizer, Precision.for_training(student_args, device),
+                                models.teacher_blocks(student_args), student_args.clip_grad, model_ema))
+    if args.compile and teacher is not None:
+        teacher = models.FrozenCompiledTeacher(teacher)
+    return Step(students, teacher, build_mixup(args, NUM_CLASSES))
 
 
-def train_loader(args, device: torch.device) -> Iterable:
-    """The training loader of ``--data-backend`` over ``--data-path``, as one process of training builds it."""
+def run_step(step: Step, samples: torch.Tensor, targets: torch.Tensor,
+             students: Optional[Sequence[Student]] = None) -> None:
+    """What training does per step (``engine.train_step``: the teacher's forward, then each student's step with its
+    EMA update) and the step's one host sync; ``students`` a part of the step's (a separate run's step)."""
+    terms = train_step(step.students if students is None else students, step.teacher, samples, targets)
+    step_values_over_processes([value for student_terms in terms for value in student_terms.values()], False)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The batches a timing from files takes, all in one epoch of ``epoch_batches``: ``warmup`` untimed (the
+    loader's start and the batches it holds ahead), then ``timed``; the folder's files listed ``repeats`` times."""
+    warmup: int
+    timed: int
+    epoch_batches: int
+    files: int
+    repeats: int
+
+    def describe(self) -> str:
+        listed = f', each listed {self.repeats} times' if self.repeats > 1 else ''
+        return (f'batches {self.warmup + 1}-{self.warmup + self.timed} of one epoch of {self.epoch_batches} '
+                f'({self.files} files{listed})')
+
+
+def loader_rounds(args) -> tuple[int, int]:
+    """How many batches the loader of ``--data-backend`` holds ahead of its consumer, and how many it makes at a
+    time: DataLoader workers each make a whole batch, in turn, two each ahead (torch's ``prefetch_factor``); the
+    DALI loader one batch after the other, with those in DALI, read ahead and ready on the device ahead."""
+    if args.data_backend == 'dali':
+        return dali_data.PREFETCH_BATCHES + dali_data.READ_AHEAD_BATCHES + dali_data.READY_BATCHES, 1
+    workers = args.num_workers
+    return workers * DATALOADER_PREFETCH_FACTOR, max(workers, 1)
+
+
+def steady_window(args, warmup: int, steps: int, batch_size: int, files: int) -> Window:
+    """The batches to time the loader at its steady rate: after ``warmup`` batches and those it holds ahead, and
+    in whole rounds of its workers (started together, they hand over their batches in bursts: a window inside one
+    burst times the consumer, not the loader), all in one epoch (an epoch's start is a burst of its own)."""
+    ahead, round_size = loader_rounds(args)
+    untimed = round_size * math.ceil((warmup + ahead) / round_size)
+    timed = round_size * math.ceil(max(steps, 1) / round_size)
+    # The timing ends when the batch after the timed ones arrives.
+    needed = (untimed + timed + 1) * batch_size
+    repeats = math.ceil(needed / files)
+    return Window(untimed, timed, files * repeats // batch_size, files, repeats)
+
+
+def train_loader(args, device: torch.device, warmup: int, steps: int) -> tuple[Iterable, Window]:
+    """The training loader of ``--data-backend`` over ``--data-path``, as one process of training builds it, with
+    the folder's files listed as often as the steady window needs them in one epoch."""
     dataset, _ = build_dataset(is_train=True, args=args)
+    window = steady_window(args, warmup, steps, args.batch_size, len(dataset.samples))
+    if window.repeats > 1:
+        dataset.samples = dataset.samples * window.repeats
+        dataset.imgs = dataset.samples
+        dataset.targets = [target for _, target in dataset.samples]
     loader, _ = build_data_loaders(args, dataset, dataset, LaunchEnvironment(), device)
-    return loader
-
-
-def batches_of(loader, data_path: str) -> Iterator:
-    """The loader's batches, epoch after epoch (a small folder is read several times)."""
-    for epoch in itertools.count():
-        if hasattr(loader.sampler, 'set_epoch'):
-            loader.sampler.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise UserError(f'--data-path {data_path}: too few images for one batch of the data pipeline')
+    return loader, window
 
 
 def child_pids() -> set[int]:
@@ -293,66 +358,114 @@ def child_pids() -> set[int]:
     return pids
 
 
+def stat_cpu_seconds(stat_path: str) -> float:
+    """User and system CPU time from a ``/proc`` stat file (0 where it is gone)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[PROC_STAT_UTIME]) + int(fields[PROC_STAT_STIME])) / os.sysconf('SC_CLK_TCK')
+
+
 def cpu_seconds(pids: set[int]) -> float:
     """CPU time so far of this process (DALI's threads included) and of the processes ``pids``."""
-    seconds = time.process_time()
-    ticks = os.sysconf('SC_CLK_TCK')
-    for pid in pids:
+    return time.process_time() + sum(stat_cpu_seconds(f'/proc/{pid}/stat') for pid in pids)
+
+
+def dali_threads_cpu_seconds() -> float:
+    """CPU time so far of DALI's own threads in this process (decoding on the CPU, and with a GPU the host part
+    of JPEG decoding: parsing and Huffman decoding), from ``/proc/self/task``."""
+    seconds = 0.0
+    for task in glob.glob(f'/proc/{os.getpid()}/task/*'):
         try:
-            with open(f'/proc/{pid}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
+            with open(f'{task}/comm') as f:
+                if not f.read().startswith(DALI_THREAD_PREFIX):
+                    continue
         except OSError:
             continue
-        seconds += (int(fields[PROC_STAT_UTIME]) + int(fields[PROC_STAT_STIME])) / ticks
+        seconds += stat_cpu_seconds(f'{task}/stat')
     return seconds
 
 
-def time_loader(args, device: torch.device, batches: int, warmup: int) -> dict[str, float]:
-    """The training loader of ``--data-backend`` alone over ``batches`` after ``warmup`` (workers starting, DALI
-    building its pipeline): images/s (reading, decoding, augmenting; for DALI also the batch on ``device``), the
-    CPU time per image of this process and its workers, and the cores that keeps busy."""
-    loader = train_loader(args, device)
-    stream = batches_of(loader, args.data_path)
-    for _ in range(warmup):
-        next(stream)
+def waits_of(loader) -> float:
+    """CPU time so far a loader's own thread spent waiting in DALI's ``outputs`` (none for a DataLoader)."""
+    return getattr(loader, 'waiting_cpu_seconds', 0.0)
+
+
+def time_from_files(args, device: torch.device, warmup: int, steps: int,
+                    consume: Callable[[torch.Tensor, torch.Tensor], None]) -> dict[str, Any]:
+    """Images/s of ``consume`` fed by the loader of ``--data-backend`` in its steady window (``steady_window``):
+    from the arrival of the first timed batch to that of the batch after the last. Also the CPU time per image of
+    this process and its workers, the part of it in DALI's threads, and the cores that keeps busy, apart from the
+    waiting: the CPU of the consuming thread while it waits for the next batch or the device (with a loader of
+    its own threads or workers), and of DALI's ``outputs`` on the loader's thread."""
+    loader, window = train_loader(args, device, warmup, steps)
+    stream = iter(loader)
+    for _ in range(window.warmup):
+        consume(*next(stream))
+    has_own_workers = args.data_backend == 'dali' or args.num_workers > 0
+    waited = 0.0
+    batch = next(stream)
     synchronize(device)
     workers = child_pids()
-    started_cpu, started = cpu_seconds(workers), time.perf_counter()
-    images = sum(len(next(stream)[0]) for _ in range(batches))
+    started_cpu, started_dali, started_loader_waits = cpu_seconds(workers), dali_threads_cpu_seconds(), waits_of(loader)
+    started = time.perf_counter()
+    images = 0
+    for _ in range(window.timed):
+        consume(*batch)
+        images += len(batch[0])
+        waiting_since = time.thread_time()
+        batch = next(stream)
+        waited += time.thread_time() - waiting_since
+    waiting_since = time.thread_time()
     synchronize(device)
-    cpu, wall = cpu_seconds(workers) - started_cpu, time.perf_counter() - started
-    stream.close()
-    return {'images_per_s': images / wall, 'cpu_ms_per_image': 1000 * cpu / images, 'cores_busy': cpu / wall}
+    waited += time.thread_time() - waiting_since
+    wall = time.perf_counter() - started
+    cpu = cpu_seconds(workers) - started_cpu
+    dali = dali_threads_cpu_seconds() - started_dali
+    waiting = (waited if has_own_workers else 0.0) + waits_of(loader) - started_loader_waits
+    del batch, stream
+    return {'images_per_s': images / wall, 'cpu_ms_per_image': 1000 * cpu / images,
+            'dali_threads_ms_per_image': 1000 * dali / images, 'cores_busy': (cpu - waiting) / wall,
+            'cores_waiting': waiting / wall, 'window': window}
 
 
-def time_step_from_files(step: Step, args, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of the training step fed by the loader of ``--data-backend``, as training runs it: the loader's
-    batch to the device, mixup, the step, its host sync."""
-    loader = train_loader(args, device)
-    stream = batches_of(loader, args.data_path)
-    step.model.train()
-    images, started = 0, None
-    for index in range(warmup + steps):
-        if index == warmup:
-            synchronize(device)
-            started = time.perf_counter()
-        samples, targets = next(stream)
+def time_loader(args, device: torch.device, batches: int, warmup: int) -> dict[str, Any]:
+    """The training loader of ``--data-backend`` alone (reading, decoding, augmenting; for DALI also the batch on
+    ``device``): ``time_from_files`` with nothing done with the batches."""
+    return time_from_files(args, device, warmup, batches, lambda samples, targets: None)
+
+
+def time_step_from_files(step: Step, args, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """The training step fed by the loader of ``--data-backend``, as training runs it (the batch to the device,
+    mixup, the step with its EMA update and host sync): ``time_from_files``."""
+    step.train()
+
+    def consume(samples: torch.Tensor, targets: torch.Tensor) -> None:
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if step.mixup_fn is not None:
             samples, targets = step.mixup_fn(samples, targets)
-        # The step's one host sync, as training has it.
-        step_values_over_processes(training_step(step.model, step.teacher, step.criterion, step.optimizer,
-                                                 step.precision, samples, targets).values(), False)
-        images += len(samples) if index >= warmup else 0
-    synchronize(device)
-    stream.close()
-    return images / (time.perf_counter() - started)
+        run_step(step, samples, targets)
+
+    return time_from_files(args, device, warmup, steps, consume)
 
 
-def describe_loader(args, stats: dict[str, float]) -> str:
+def describe_decoder(args) -> str:
+    """The settings of DALI's "mixed" JPEG decoder, where it decodes (``--data-backend dali`` on a GPU)."""
+    if args.data_backend != 'dali' or torch.device(args.device).type != 'cuda':
+        return ''
+    return (f'; DALI\'s mixed JPEG decoder: hw_decoder_load {dali_data.HW_DECODER_LOAD}, '
+            f'hybrid_huffman_threshold {dali_data.HYBRID_HUFFMAN_THRESHOLD} px')
+
+
+def describe_loader(args, stats: dict[str, Any]) -> str:
     workers = f'{args.num_workers} {"threads" if args.data_backend == "dali" else "workers"}'
+    dali = (f' ({stats["dali_threads_ms_per_image"]:.2f} in DALI\'s threads)' if args.data_backend == 'dali'
+            else '')
     return (f'data ({args.data_backend}, {workers}): {stats["images_per_s"]:.1f} images/s, '
-            f'{stats["cpu_ms_per_image"]:.2f} ms CPU per image, {stats["cores_busy"]:.1f} cores busy')
+            f'{stats["cpu_ms_per_image"]:.2f} ms CPU per image{dali}, {stats["cores_busy"]:.1f} cores busy and '
+            f'{stats["cores_waiting"]:.1f} waiting; {stats["window"].describe()}{describe_decoder(args)}')
 
 
 def run(args, device: torch.device) -> dict[str, float]:
@@ -370,13 +483,14 @@ def run(args, device: torch.device) -> dict[str, float]:
           f'{stats["achieved_tflops"]:.3f} TFLOP/s, MFU {100 * stats["mfu"]:.1f}% '
           f'of {stats["peak_tflops"]:.3f} TFLOP/s ({peak_source})')
     if args.data_path:
-        batches = args.benchmark_steps
-        loader_stats = time_loader(args, device, batches, args.benchmark_warmup)
+        loader_stats = time_loader(args, device, args.benchmark_steps, args.benchmark_warmup)
         print(f'  {describe_loader(args, loader_stats)}')
-        from_files = time_step_from_files(step, args, device, args.benchmark_steps, args.benchmark_warmup)
-        print(f'  the step fed from files: {from_files:.1f} images/s, {100 * from_files / stats["images_per_s"]:.0f}% '
-              'of the synthetic batch\'s')
-        stats.update({f'data_{key}': value for key, value in loader_stats.items()}, from_files_images_per_s=from_files)
+        fed = time_step_from_files(step, args, device, args.benchmark_steps, args.benchmark_warmup)
+        print(f'  the step fed from files: {fed["images_per_s"]:.1f} images/s, '
+              f'{100 * fed["images_per_s"] / stats["images_per_s"]:.0f}% of the synthetic batch\'s; '
+              f'{fed["window"].describe()}')
+        stats.update({f'data_{key}': value for key, value in loader_stats.items()},
+                     from_files_images_per_s=fed['images_per_s'])
     return stats
 
 
@@ -399,49 +513,20 @@ def separate_runs_speedup(shared_s: float, alone_s: Sequence[float], teacher_s: 
     return separate / shared_s, k / (share + k * (1 - share)), share
 
 
-def build_students(args, variants: Sequence, device: torch.device) -> tuple[list[Student], Optional[nn.Module]]:
-    """The students of ``variants`` and their one teacher (random weights without ``--teacher-path``), built as
-    training builds them (EMA included: training updates it after every step), on ``device``."""
-    random_seed(args.seed)
-    flags = [variant.args for variant in variants]
-    teacher = models.load_teacher(args, NUM_CLASSES, device, Precision.for_training(args, device).dtype, flags)
-    students = []
-    for variant in variants:
-        model = models.create_student(variant.args, teacher, NUM_CLASSES).to(device)
-        ema = ModelEmaV2(model, decay=variant.args.model_ema_decay) if variant.args.model_ema else None
-        optimizer = build_optimizer(variant.args, model, device, variant.args.lr)
-        criterion = build_criterion(variant.args)
-        if args.compile:
-            model, criterion = models.compile_student(model, criterion)
-        students.append(Student(variant.name, model, criterion, optimizer, Precision.for_training(variant.args, device),
-                                models.teacher_blocks(variant.args), variant.args.clip_grad, ema))
-    if args.compile and teacher is not None:
-        teacher = models.FrozenCompiledTeacher(teacher)
-    return students, teacher
-
-
-def time_shared_and_separate(students: Sequence[Student], teacher: Optional[nn.Module], device: torch.device,
-                             samples: torch.Tensor, targets: torch.Tensor, rounds: int,
-                             warmup: int) -> dict[str, float]:
-    """Median seconds of the shared step (``SHARED_PHASE``), of each student's separate step (its name) and of the
-    teacher's forward alone (``TEACHER_ALONE``), each step as training runs it (the step's one host sync, the EMA
-    updates). The measurements alternate within every round, so that all see the same machine."""
-    def step(chosen: Sequence[Student]) -> Callable[[], None]:
-        def run() -> None:
-            terms = train_step(chosen, teacher, samples, targets)
-            step_values_over_processes([value for t in terms for value in t.values()], False)
-            for student in chosen:
-                if student.model_ema is not None:
-                    student.model_ema.update(student.model)
-        return run
-
+def time_shared_and_separate(step: Step, device: torch.device, samples: torch.Tensor, targets: torch.Tensor,
+                             rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds of the shared step (``SHARED_PHASE``), of each student's separate step (its name: the teacher's
+    forward and that student) and of the teacher's forward alone (``TEACHER_ALONE``), each step as training runs it
+    (``run_step``). The measurements alternate within every round, so that all see the same machine."""
     def teacher_alone() -> None:
-        with students[0].precision.autocast():
-            teacher_forward(teacher, samples)
+        with step.precision.autocast():
+            teacher_forward(step.teacher, samples)
+        synchronize(device)
 
-    phases = {SHARED_PHASE: step(students), **{s.name: step([s]) for s in students}, TEACHER_ALONE: teacher_alone}
-    for student in students:
-        student.model.train()
+    phases = {SHARED_PHASE: lambda: run_step(step, samples, targets),
+              **{s.name: functools.partial(run_step, step, samples, targets, [s]) for s in step.students},
+              TEACHER_ALONE: teacher_alone}
+    step.train()
     for run in phases.values():
         for _ in range(warmup):
             run()
@@ -456,34 +541,39 @@ def time_shared_and_separate(students: Sequence[Student], teacher: Optional[nn.M
     return {phase: statistics.median(values) for phase, values in seconds.items()}
 
 
-def run_variants(args, variants: Sequence, device: torch.device) -> dict[str, float]:
-    """``main.py --benchmark`` with ``--variant``: the students on one teacher forward against their separate runs;
-    prints student-images/s and the speed-up over separate runs with its bound from the teacher's share."""
-    if args.distillation_type == 'none' and all(v.args.distillation_type == 'none' for v in variants):
-        raise UserError('--benchmark with --variant times students sharing a teacher: give them one '
-                        '(--distillation-type soft or hard)')
-    students, teacher = build_students(args, variants, device)
+def speedup_report(step: Step, device: torch.device, args) -> str:
+    """``time_shared_and_separate`` of a step of several students on one synthetic batch, as the line
+    ``speed-up over separate runs: R.RRx (bound B.BBx from the teacher's share T%)``; prints the times."""
     samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     targets = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
-    mixup_fn = build_mixup(args, NUM_CLASSES)
-    if mixup_fn is not None:
-        samples, targets = mixup_fn(samples, targets)
-    seconds = time_shared_and_separate(students, teacher, device, samples, targets, args.benchmark_steps,
-                                       args.benchmark_warmup)
-    alone = [seconds[s.name] for s in students]
+    if step.mixup_fn is not None:
+        samples, targets = step.mixup_fn(samples, targets)
+    seconds = time_shared_and_separate(step, device, samples, targets, args.benchmark_steps, args.benchmark_warmup)
+    alone = [seconds[s.name] for s in step.students]
     speedup, bound, share = separate_runs_speedup(seconds[SHARED_PHASE], alone, seconds[TEACHER_ALONE])
-    print(f'Benchmark {len(students)} students <- {args.teacher_model} | device {device.type} | '
-          f'{students[0].precision.describe()} | batch {args.batch_size} | {args.input_size} px')
+    images = len(step.students) * args.batch_size
     print(f'  shared step (the teacher\'s forward once, then each student): {1000 * seconds[SHARED_PHASE]:.1f} ms, '
-          f'{len(students) * args.batch_size / seconds[SHARED_PHASE]:.1f} student-images/s')
+          f'{images / seconds[SHARED_PHASE]:.1f} student-images/s')
     print('  separate runs, a step each: ' + ', '.join(
-        f'{s.name} ({s.model.default_cfg["architecture"] if hasattr(s.model, "default_cfg") else ""}) '
-        f'{1000 * seconds[s.name]:.1f} ms' for s in students)
-          + f'; {len(students) * args.batch_size / sum(alone):.1f} student-images/s')
+        f'{s.name} ({unwrap_model(s.model).default_cfg["architecture"]}) {1000 * seconds[s.name]:.1f} ms'
+        for s in step.students) + f'; {images / sum(alone):.1f} student-images/s')
     print(f'  the teacher\'s forward alone: {1000 * seconds[TEACHER_ALONE]:.1f} ms')
-    print(f'speed-up over separate runs: {speedup:.2f}x (bound {bound:.2f}x from the teacher\'s share '
-          f'{100 * share:.0f}%)')
-    return {'speedup': speedup, 'bound': bound, 'teacher_share': share, **seconds}
+    return (f'speed-up over separate runs: {speedup:.2f}x (bound {bound:.2f}x from the teacher\'s share '
+            f'{100 * share:.0f}%)')
+
+
+def run_variants(args, variants: Sequence, device: torch.device) -> str:
+    """``main.py --benchmark`` with ``--variant``: the students on one teacher forward against their separate runs
+    (``speedup_report``); returns and prints the speed-up line."""
+    if all(variant.args.distillation_type == 'none' for variant in variants):
+        raise UserError('--benchmark with --variant times students sharing a teacher: give them one '
+                        '(--distillation-type soft or hard)')
+    step = build_step(args, device, variants)
+    print(f'Benchmark {len(step.students)} students <- {args.teacher_model} | device {device.type} | '
+          f'{step.precision.describe()} | batch {args.batch_size} | {args.input_size} px')
+    line = speedup_report(step, device, args)
+    print(line)
+    return line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,15 +626,15 @@ def with_backend(args: argparse.Namespace, backend: str, workers: int, **changes
 
 
 def run_papers(args: argparse.Namespace, parser: argparse.ArgumentParser,
-               check: Callable[[argparse.Namespace], None]) -> int:
-    """Benchmark every paper configuration eager and with ``--compile``, each with the run flags of ``args`` (parsed
-    by ``parser``; ``check`` is the training script's check of a flag set); print the rows measured as one markdown
-    table (also after Ctrl-C or SIGINT, e.g. from ``timeout -s INT``). With ``--data-path``, also each loader alone
-    (pil with ``--num_workers`` workers, dali with as many threads) and every eager configuration fed from the
-    files: by pil with a worker per CPU core of the machine, and by dali."""
+               check: Callable[[argparse.Namespace], None], device: torch.device) -> int:
+    """Benchmark every paper configuration eager and with ``--compile`` on ``device`` (``main.process_device``'s,
+    a GPU with its index), each with the run flags of ``args`` (parsed by ``parser``; ``check`` is the training
+    script's check of a flag set); print the rows measured as one markdown table (also after Ctrl-C or SIGINT, e.g.
+    from ``timeout -s INT``). With ``--data-path``, also each loader alone (pil with ``--num_workers`` workers,
+    dali with as many threads) and every eager configuration fed from the files: by pil with a worker per CPU core
+    of the machine, and by dali, each in its steady window."""
     check_papers_run_flags(parser, args)
-    device = torch.device(args.device)
-    rows, loaders, fed, interrupted = [], {}, [], False
+    rows, loaders, fed, interrupted, shared_speedup = [], {}, [], False, None
     backends = {'pil': os.cpu_count() or 1, 'dali': max(args.num_workers, 1)}
     try:
         if args.data_path:
@@ -573,25 +663,42 @@ def run_papers(args: argparse.Namespace, parser: argparse.ArgumentParser,
                         for backend, workers in backends.items()}))
                 del step
                 forget_compiled_models(device)
+        shared_args = parser.parse_args([*CLSKD.argv(), '--variant', CLSKD_SMALL_VARIANT],
+                                        namespace=argparse.Namespace(**{**vars(args), 'data_path': ''}))
+        check(shared_args)
+        step = build_step(shared_args, device, students.parse_variants(parser, shared_args, check))
+        stats = time_training_step(step, device, shared_args.batch_size, shared_args.input_size,
+                                   shared_args.benchmark_steps, shared_args.benchmark_warmup,
+                                   peak_flops(device, shared_args.peak_tflops)[0])
+        rows.append((SHARED_MODE, stats, table_row(SHARED_MODE, device, step.precision.dtype, CLSKD.batch_size,
+                                                   stats)))
+        shared_speedup = speedup_report(step, device, shared_args)
+        del step
     except KeyboardInterrupt:
         interrupted = True
     versions = f'torch {torch.__version__}, CUDA {torch.version.cuda or "none"}, timm {timm.__version__}'
     print(f'\nThe papers\' configurations ({versions}):\n\n{TABLE_HEADER}')
     for _, _, row in rows:
         print(row)
+    if shared_speedup:
+        print(f'\n{SHARED_MODE}: {shared_speedup}')
     if loaders:
         print(f'\nThe loaders alone on {args.data_path} (batch {DATA_TIMING_BATCH}):')
         for data_args, loader_stats in loaders.values():
             print(f'- {describe_loader(data_args, loader_stats)}')
     if fed:
-        print(f'\nFed from {args.data_path} (images/s, and the share of the synthetic batch\'s):\n\n'
+        print(f'\nFed from {args.data_path} (images/s, and the share of the synthetic batch\'s; each timed in one '
+              'epoch, after the loader\'s start and the batches it holds ahead):\n\n'
               f'| configuration | synthetic | pil, {backends["pil"]} workers | dali, {backends["dali"]} threads |\n'
               '| --- | ---: | ---: | ---: |')
         for mode, synthetic, rates in fed:
-            print(f'| {mode} | {figure(synthetic)} | '
-                  + ' | '.join(f'{figure(rates[b])} ({100 * rates[b] / synthetic:.0f}%)' for b in backends) + ' |')
+            print(f'| {mode} | {figure(synthetic)} | ' + ' | '.join(
+                f'{figure(rates[b]["images_per_s"])} ({100 * rates[b]["images_per_s"] / synthetic:.0f}%)'
+                for b in backends) + ' |')
+        for backend in backends:
+            print(f'- {backend}: {fed[-1][2][backend]["window"].describe()}')
     if interrupted:
-        print(f'Interrupted: {len(rows)} of {2 * len(PAPER_CONFIGURATIONS)} rows measured')
+        print(f'Interrupted: {len(rows)} of {2 * len(PAPER_CONFIGURATIONS) + 1} rows measured')
         return EXIT_INTERRUPTED
     return 0
 

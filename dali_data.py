@@ -3,22 +3,27 @@ NVIDIA DALI, on the GPU ("mixed" decoding, GPU operators) or, without one, the s
 
 The files are those the samplers of ``datasets.build_samplers`` pick, read here and fed to DALI through
 ``fn.external_source``, so that epoch order, repeated augmentation, sharding and resume are the PIL loader's. The
-random crop is timm's own (``RandomResizedCropAndInterpolation.get_params`` on each file's header, with Python's
-``random``, which checkpoints keep); DALI decodes only that region. Flip and RandAugment are drawn inside the pipeline:
-the policy is the one timm builds from ``--aa`` (its ops, the layers, each layer's probability, the magnitude's
-noise and bound, and the parameter each magnitude gives, read from timm's own level functions) and the pixels are
-DALI's auto-augment operations. DALI normalises; random erasing runs on the batch with timm's
-``RandomErasing(device=...)``, as timm's prefetcher does.
+random crop is timm's own (``RandomResizedCropAndInterpolation.get_params`` on each file's header, drawn from a
+generator seeded from Python's ``random`` at each epoch's start, which checkpoints keep); DALI decodes only that
+region. Flip and RandAugment are drawn inside the pipeline: the policy is the one timm builds from ``--aa`` (its
+ops, the layers, each layer's probability, the magnitude's noise and bound, and the parameter each magnitude gives,
+read from timm's own level functions) and the pixels are DALI's auto-augment operations. DALI normalises; random
+erasing runs on the batch with timm's ``RandomErasing(device=...)``, as timm's prefetcher does. The loader's own
+threads read ahead, draw the crops, feed DALI and hand finished batches on the device to the caller's thread.
 """
 import argparse
 import io
 import math
 import os
+import queue
 import random
+import threading
+import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -46,6 +51,18 @@ BINS_PER_MAGNITUDE = 10
 PREFETCH_BATCHES = 2
 # Batches whose files are read ahead of those in flight, each by a thread of its own.
 READ_AHEAD_BATCHES = 4
+# Batches on the device, waiting for the step, that the loader's thread has taken out of DALI.
+READY_BATCHES = 1
+# How often the loader's thread, waiting to hand over a batch, looks whether the caller has stopped iterating.
+HAND_OVER_POLL_S = 0.1
+EPOCH_SEED_BITS = 64
+PIPELINE_SEED_BITS = 31  # DALI takes a non-negative 32-bit seed
+# The "mixed" JPEG decoder's settings, DALI's defaults (fn.decoders.image and image_slice), named here so that the
+# benchmark reports them. The share of images sent to the hardware JPEG decoder (A100, H100: NVJPG engines); the
+# others are decoded by nvJPEG's CUDA decoder, whose Huffman stage runs on DALI's host threads for images under
+# the threshold in pixels (every ImageNet image: they average 0.19 megapixels), on the GPU above it.
+HW_DECODER_LOAD = 0.65
+HYBRID_HUFFMAN_THRESHOLD = 1_000_000
 DALI_INTERPOLATIONS = {'bicubic': 'INTERP_CUBIC', 'bilinear': 'INTERP_LINEAR', 'nearest': 'INTERP_NN',
                        'lanczos': 'INTERP_LANCZOS3'}
 
@@ -215,6 +232,22 @@ ENCODED, LABELS, CROP_ANCHOR, CROP_SHAPE, RESIZE_W, RESIZE_H = (
     'encoded', 'labels', 'crop_anchor', 'crop_shape', 'resize_w', 'resize_h')
 
 
+def fed_input(name: str, dtype):
+    """An input the loader feeds. Without a copy: the loader keeps a batch's arrays until DALI's outputs for it are
+    taken (a copy of a batch's 12 MB of JPEG bytes took 4 to 18 ms, handing them over 1.4)."""
+    from nvidia.dali import fn
+    return fn.external_source(name=name, dtype=dtype, no_copy=True)
+
+
+def decoder_placement(device_id: Optional[int]) -> dict:
+    """The decoder's backend: "mixed" (host parsing and Huffman decoding, the rest on the GPU) with the named
+    settings, or the CPU without a GPU."""
+    if device_id is None:
+        return {'device': 'cpu'}
+    return {'device': 'mixed', 'hw_decoder_load': HW_DECODER_LOAD,
+            'hybrid_huffman_threshold': HYBRID_HUFFMAN_THRESHOLD}
+
+
 def normalised(images):
     from nvidia.dali import fn, types
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
@@ -232,11 +265,11 @@ def train_pipeline(batch_size: int, num_threads: int, device_id: Optional[int], 
 
     @pipeline_def(enable_conditionals=policy is not None)
     def pipeline():
-        encoded = fn.external_source(name=ENCODED, dtype=types.UINT8)
-        labels = fn.external_source(name=LABELS, dtype=types.INT64)
-        anchor = fn.external_source(name=CROP_ANCHOR, dtype=types.FLOAT)
-        shape = fn.external_source(name=CROP_SHAPE, dtype=types.FLOAT)
-        images = fn.decoders.image_slice(encoded, anchor, shape, device='mixed' if device_id is not None else 'cpu',
+        encoded = fed_input(ENCODED, types.UINT8)
+        labels = fed_input(LABELS, types.INT64)
+        anchor = fed_input(CROP_ANCHOR, types.FLOAT)
+        shape = fed_input(CROP_SHAPE, types.FLOAT)
+        images = fn.decoders.image_slice(encoded, anchor, shape, **decoder_placement(device_id),
                                          output_type=types.RGB, axis_names='WH', normalized_anchor=False,
                                          normalized_shape=False, adjust_orientation=False)
         images = fn.resize(images, size=[image_size, image_size], antialias=True,
@@ -260,13 +293,13 @@ def eval_pipeline(batch_size: int, num_threads: int, device_id: Optional[int], d
 
     @pipeline_def
     def pipeline():
-        encoded = fn.external_source(name=ENCODED, dtype=types.UINT8)
-        labels = fn.external_source(name=LABELS, dtype=types.INT64)
-        resize_w = fn.external_source(name=RESIZE_W, dtype=types.FLOAT)
-        resize_h = fn.external_source(name=RESIZE_H, dtype=types.FLOAT)
-        anchor = fn.external_source(name=CROP_ANCHOR, dtype=types.FLOAT)
-        images = fn.decoders.image(encoded, device='mixed' if device_id is not None else 'cpu',
-                                   output_type=types.RGB, adjust_orientation=False)
+        encoded = fed_input(ENCODED, types.UINT8)
+        labels = fed_input(LABELS, types.INT64)
+        resize_w = fed_input(RESIZE_W, types.FLOAT)
+        resize_h = fed_input(RESIZE_H, types.FLOAT)
+        anchor = fed_input(CROP_ANCHOR, types.FLOAT)
+        images = fn.decoders.image(encoded, **decoder_placement(device_id), output_type=types.RGB,
+                                   adjust_orientation=False)
         images = fn.resize(images, resize_x=resize_w, resize_y=resize_h, antialias=True,
                            interp_type=types.INTERP_CUBIC)
         images = fn.slice(images, anchor, types.Constant(np.array([image_size, image_size], dtype=np.float32)),
@@ -294,34 +327,43 @@ def image_size_of(data: np.ndarray) -> tuple[int, int]:
             return image.size
 
 
-def train_inputs(sizes: Sequence[tuple[int, int]], scale: tuple[float, float],
-                 ratio: tuple[float, float]) -> dict[str, list]:
-    """timm's random crop of every image (``(top, left, height, width)`` from Python's ``random``), as DALI's
-    ``[x, y]`` anchors and ``[w, h]`` shapes."""
+def crop_params_drawn_by(rng: random.Random) -> Callable:
+    """timm's ``RandomResizedCropAndInterpolation.get_params`` drawing from ``rng``: timm's own code, which draws
+    from the module-level ``random``, with that name bound to ``rng`` (so that the loader's thread draws the crops
+    from a generator of its own while other threads draw from Python's)."""
+    get_params = RandomResizedCropAndInterpolation.get_params
+    return FunctionType(get_params.__code__, {**get_params.__globals__, 'random': rng}, get_params.__name__)
+
+
+def train_inputs(sizes: Sequence[tuple[int, int]], scale: tuple[float, float], ratio: tuple[float, float],
+                 rng: random.Random) -> dict[str, np.ndarray]:
+    """timm's random crop of every image (``(top, left, height, width)`` drawn from ``rng``), as DALI's ``[x, y]``
+    anchors and ``[w, h]`` shapes, one row per image."""
+    get_params = crop_params_drawn_by(rng)
     anchors, shapes = [], []
     for image_width, image_height in sizes:
         # All get_params reads of an image is its size: an empty tensor of that height and width has it.
         stand_in = torch.empty((0, image_height, image_width))
-        top, left, height, width = RandomResizedCropAndInterpolation.get_params(stand_in, scale, ratio)
-        anchors.append(np.array([left, top], dtype=np.float32))
-        shapes.append(np.array([width, height], dtype=np.float32))
-    return {CROP_ANCHOR: anchors, CROP_SHAPE: shapes}
+        top, left, height, width = get_params(stand_in, scale, ratio)
+        anchors.append((left, top))
+        shapes.append((width, height))
+    return {CROP_ANCHOR: np.array(anchors, dtype=np.float32), CROP_SHAPE: np.array(shapes, dtype=np.float32)}
 
 
-def eval_inputs(sizes: Sequence[tuple[int, int]], resize_size: int, image_size: int) -> dict[str, list]:
+def eval_inputs(sizes: Sequence[tuple[int, int]], resize_size: int, image_size: int) -> dict[str, np.ndarray]:
     """torchvision's ``Resize(resize_size)`` (the shorter side to ``resize_size``, the longer scaled and truncated)
     and ``CenterCrop(image_size)`` (offsets rounded) of every image, as DALI's per-sample resize and crop anchor."""
-    inputs: dict[str, list] = {RESIZE_W: [], RESIZE_H: [], CROP_ANCHOR: []}
+    resized_sizes, anchors = [], []
     for width, height in sizes:
         if width <= height:
             resized = (resize_size, int(resize_size * height / width))
         else:
             resized = (int(resize_size * width / height), resize_size)
-        inputs[RESIZE_W].append(np.array(resized[0], dtype=np.float32))
-        inputs[RESIZE_H].append(np.array(resized[1], dtype=np.float32))
-        inputs[CROP_ANCHOR].append(np.array([int(round((extent - image_size) / 2.0)) for extent in resized],
-                                            dtype=np.float32))
-    return inputs
+        resized_sizes.append(resized)
+        anchors.append([int(round((extent - image_size) / 2.0)) for extent in resized])
+    resized_array = np.array(resized_sizes, dtype=np.float32).reshape(-1, 2)
+    return {RESIZE_W: resized_array[:, 0].copy(), RESIZE_H: resized_array[:, 1].copy(),
+            CROP_ANCHOR: np.array(anchors, dtype=np.float32).reshape(-1, 2)}
 
 
 def unreadable_reason(data: np.ndarray) -> Optional[str]:
@@ -340,19 +382,45 @@ def unreadable_reason(data: np.ndarray) -> Optional[str]:
 
 @dataclass
 class Batch:
-    """A batch on its way through the pipeline: the dataset indices and the files' bytes and sizes."""
+    """A batch on its way through the pipeline: the dataset indices, the files' bytes and sizes, and once fed, the
+    arrays DALI reads without a copy (kept until its outputs are taken)."""
     indices: list[int]
     encoded: list[np.ndarray]
     sizes: list[tuple[int, int]]
+    fed: dict[str, Any] = field(default_factory=dict)
+
+
+class DevicePlacementError(RuntimeError):
+    """DALI produced a batch on another device than the one the loader feeds."""
+
+
+def dali_device_id(device: torch.device) -> Optional[int]:
+    """The GPU DALI's pipelines run on for ``device``: its index, the current GPU for ``cuda`` without an index,
+    None (DALI's CPU backend) for the CPU."""
+    if device.type != 'cuda':
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def output_device(output) -> torch.device:
+    """Where a pipeline output (a DALI ``TensorListGPU`` or ``TensorListCPU``) lies."""
+    from nvidia.dali.tensors import TensorListGPU
+    return torch.device('cuda', output.device_id()) if isinstance(output, TensorListGPU) else torch.device('cpu')
 
 
 class DaliLoader:
     """An iterable of ``(images, targets)`` batches on ``device``, in the order ``sampler`` gives, like a DataLoader
-    (``len``, ``sampler``, ``batch_size``, ``dataset``): the files of the next batches are read by threads and
-    decoded and augmented by DALI while the step runs."""
+    (``len``, ``sampler``, ``batch_size``, ``dataset``).
+
+    Two kinds of threads work ahead of the caller: reading threads read the files of the next batches and parse
+    their headers; the loader's feeding thread draws the crops, feeds DALI, takes DALI's outputs and copies them
+    into torch tensors (on a CUDA stream of its own, with an event the caller's stream waits on), so that the
+    caller's thread only takes finished batches and runs ``after`` (random erasing) on them. Every call into DALI
+    is made on the feeding thread. ``waiting_cpu_seconds`` is that thread's CPU time spent waiting in DALI's
+    ``outputs``."""
 
     def __init__(self, dataset, sampler, batch_size: int, drop_last: bool, make_pipeline: Callable[[int, int], Any],
-                 make_inputs: Callable[[list[tuple[int, int]]], dict[str, list]], device: torch.device,
+                 make_inputs: Callable[[list[tuple[int, int]], random.Random], dict[str, Any]], device: torch.device,
                  skip_bad_images: bool, after: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.dataset = dataset
         self.sampler = sampler
@@ -364,9 +432,12 @@ class DaliLoader:
         self.skip_bad_images = skip_bad_images
         self.after = after
         self.bad_paths: set[str] = set()
+        self.waiting_cpu_seconds = 0.0
         self._readers = ThreadPoolExecutor(READ_AHEAD_BATCHES, thread_name_prefix='dali-read')
+        self._feeder = ThreadPoolExecutor(1, thread_name_prefix='dali-feed')
         self._built = None
         self._primed = False
+        self._stream: Optional[torch.cuda.Stream] = None
 
     def _batch_sampler(self) -> BatchSampler:
         """The index batches a DataLoader with this sampler, batch size and ``drop_last`` reads."""
@@ -404,9 +475,10 @@ class DaliLoader:
         read = [self._read(index) for index in indices]
         return Batch([r[0] for r in read], [r[1] for r in read], [r[2] for r in read])
 
-    def _feed(self, pipeline, batch: Batch) -> None:
-        labels = [np.array(self.dataset.samples[i][1], dtype=np.int64) for i in batch.indices]
-        for name, data in {ENCODED: batch.encoded, LABELS: labels, **self.make_inputs(batch.sizes)}.items():
+    def _feed(self, pipeline, batch: Batch, rng: random.Random) -> None:
+        labels = np.array([self.dataset.samples[i][1] for i in batch.indices], dtype=np.int64)
+        batch.fed = {ENCODED: batch.encoded, LABELS: labels, **self.make_inputs(batch.sizes, rng)}
+        for name, data in batch.fed.items():
             pipeline.feed_input(name, data)
 
     def _find_unreadable(self, batches: Sequence[Batch], error: Exception) -> None:
@@ -422,23 +494,48 @@ class DaliLoader:
         if not found:
             raise error
 
-    def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _copy_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _outputs(self) -> list:
+        """The next batch's outputs. Those of a GPU pipeline are bound to the copying stream: the stream waits for
+        DALI's work and DALI frees the buffers in its order (after the copy), and the host does not wait for the
+        GPU."""
+        started = time.thread_time()
+        try:
+            if self._built.device_id is None:
+                return self._built.outputs()
+            return self._built.outputs(cuda_stream=self._copy_stream())
+        finally:
+            self.waiting_cpu_seconds += time.thread_time() - started
+
+    def _to_device(self, outputs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.cuda.Event]]:
+        """The images and labels as torch tensors on the loader's device, and on a GPU the event the caller's stream
+        waits on before using them. Outputs on another device are refused: a copy between host and device memory
+        through the wrong branch of DALI's copy would crash the process."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
         images_out, labels_out = outputs[:2]
+        produced = output_device(images_out)
+        if produced != self.device:
+            raise DevicePlacementError(f'DALI produced a batch on {produced} for a loader on {self.device}: its '
+                                       'pipeline was built for another device')
         images_out = images_out.as_tensor()
-        images = torch.empty(images_out.shape(), dtype=torch.float32, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == 'cuda' else None
-        feed_ndarray(images_out, images, cuda_stream=stream)
-        targets = torch.from_numpy(np.asarray(labels_out.as_tensor()).reshape(-1).copy())
-        return images, targets.to(self.device, non_blocking=True)
-
-    def _pipeline(self):
-        """The pipeline, built once (a train pipeline with RandAugment takes seconds to build), with a seed drawn
-        from Python's ``random``; built again only after DALI failed on a file."""
-        if self._built is None:
-            self._built = self.make_pipeline(random.getrandbits(31), min(PREFETCH_BATCHES, max(len(self), 1)))
-            self._primed = False
-        return self._built
+        labels = torch.from_numpy(np.asarray(labels_out.as_tensor()).reshape(-1).copy())
+        if self.device.type != 'cuda':
+            images = torch.empty(images_out.shape(), dtype=torch.float32)
+            feed_ndarray(images_out, images)
+            return images, labels, None
+        stream = self._copy_stream()
+        # The feeding thread's current device is the first GPU unless set: allocate on, and copy to, this one.
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            images = torch.empty(images_out.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(images_out, images, cuda_stream=stream)
+            targets = labels.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        return images, targets, copied
 
     def _schedule(self, runs: int) -> None:
         """Run the pipeline on ``runs`` fed batches: its first ``schedule_run`` runs as many as its prefetch depth,
@@ -450,44 +547,126 @@ class DaliLoader:
         for _ in range(runs):
             self._built.schedule_run()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = deque(self._batch_sampler())
+    def _device_batches(self, index_batches: list[list[int]], crop_rng: random.Random,
+                        pipeline_seeds: random.Random) -> Iterator[tuple]:
+        """The epoch's batches on the device, produced on the feeding thread: files read ahead by the reading
+        threads, crops drawn from ``crop_rng``, ``PREFETCH_BATCHES`` batches in DALI. A pipeline that cannot go on
+        (DALI failed on a file) is built again, as deep as the batches left to feed it, with the next seed of
+        ``pipeline_seeds``."""
+        pending = deque(index_batches)
         loading: deque[Future] = deque()  # files being read, in order, ahead of the pipeline
         in_flight: deque[Batch] = deque()  # fed to the pipeline, outputs not taken yet
 
         def read_ahead() -> None:
-            while batches and len(loading) < READ_AHEAD_BATCHES:
-                loading.append(self._readers.submit(self._load, batches.popleft()))
+            while pending and len(loading) < READ_AHEAD_BATCHES:
+                loading.append(self._readers.submit(self._load, pending.popleft()))
 
         def feed(count: int) -> None:
+            if self._built is None:
+                # Built on this thread, like every later call into it; a pipeline with RandAugment takes seconds.
+                self._built = self.make_pipeline(pipeline_seeds.getrandbits(PIPELINE_SEED_BITS), count)
+                self._primed = False
             for _ in range(count):
                 batch = loading.popleft().result()
-                self._feed(self._pipeline(), batch)
+                self._feed(self._built, batch, crop_rng)
                 in_flight.append(batch)
                 read_ahead()
             self._schedule(count)
 
+        if self._built is not None and self._built.prefetch_queue_depth < min(PREFETCH_BATCHES, len(index_batches)):
+            self._built = None  # built shallower for the end of an earlier epoch
         read_ahead()
         feed(min(PREFETCH_BATCHES, len(loading)))
-        while in_flight:
+        try:
+            while in_flight:
+                try:
+                    outputs = self._outputs()
+                except RuntimeError as err:
+                    # The pipeline cannot go on: drop it, name the unreadable files (or stop), then read again what
+                    # was in flight.
+                    self._built = None
+                    self._find_unreadable(in_flight, err)
+                    for batch in reversed(in_flight):
+                        loading.appendleft(self._readers.submit(self._load, batch.indices))
+                    in_flight.clear()
+                    feed(min(PREFETCH_BATCHES, len(loading)))
+                    continue
+                in_flight.popleft()
+                on_device = self._to_device(outputs)
+                if loading:
+                    feed(1)
+                yield on_device
+        finally:
+            self._drain(in_flight)
+
+    def _drain(self, in_flight: deque) -> None:
+        """Take the outputs of batches still in DALI (the caller stopped early), so that the next epoch starts on
+        an empty pipeline; one that fails is dropped."""
+        try:
+            for _ in range(len(in_flight) if self._built is not None else 0):
+                self._outputs()
+        except RuntimeError:
+            self._built = None
+        in_flight.clear()
+
+    def _hand_over(self, ready: queue.Queue, item, stop: threading.Event) -> bool:
+        """Put ``item`` where the caller takes it; False if the caller stopped iterating meanwhile, or the
+        interpreter is exiting (its exit waits for this thread to end)."""
+        while not stop.is_set() and threading.main_thread().is_alive():
             try:
-                outputs = self._built.outputs()
-            except RuntimeError as err:
-                # The pipeline cannot go on: name the unreadable files (or stop), then read again what was in flight.
-                self._find_unreadable(in_flight, err)
-                for batch in reversed(in_flight):
-                    loading.appendleft(self._readers.submit(self._load, batch.indices))
-                in_flight.clear()
-                self._built = None
-                feed(min(PREFETCH_BATCHES, len(loading)))
+                ready.put(item, timeout=HAND_OVER_POLL_S)
+                return True
+            except queue.Full:
                 continue
-            in_flight.popleft()
-            images, targets = self._to_torch(outputs)
-            if loading:
-                feed(1)
-            if self.after is not None:
-                images = self.after(images)
-            yield images, targets
+        return False
+
+    def _feed_epoch(self, index_batches: list[list[int]], crop_rng: random.Random, pipeline_seeds: random.Random,
+                    ready: queue.Queue, stop: threading.Event) -> None:
+        """The feeding thread's work for one epoch: every batch, then None (or the error that ended it)."""
+        ending = None
+        try:
+            batches = self._device_batches(index_batches, crop_rng, pipeline_seeds)
+            try:
+                for batch in batches:
+                    if not self._hand_over(ready, batch, stop):
+                        return
+            finally:
+                batches.close()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            ending = err
+        self._hand_over(ready, ending, stop)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index_batches = list(self._batch_sampler())
+        if not index_batches:
+            return  # an evaluation shard without images (more ranks than images)
+        # Drawn on the caller's thread at the epoch's start, from the generator state checkpoints keep: a resumed
+        # run draws this epoch's crops again (whether or not it builds a pipeline first), and the caller's own
+        # draws (random erasing) do not interleave with those of the feeding thread.
+        crop_rng = random.Random(random.getrandbits(EPOCH_SEED_BITS))
+        pipeline_seeds = random.Random(random.getrandbits(EPOCH_SEED_BITS))
+        ready: queue.Queue = queue.Queue(READY_BATCHES)
+        stop = threading.Event()
+        self._feeder.submit(self._feed_epoch, index_batches, crop_rng, pipeline_seeds, ready, stop)
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, targets, copied = item
+                if copied is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(copied)
+                    # Allocated on the copying stream: the allocator may reuse them only after this stream's work.
+                    images.record_stream(current)
+                    targets.record_stream(current)
+                if self.after is not None:
+                    images = self.after(images)
+                yield images, targets
+        finally:
+            stop.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,11 +705,14 @@ def fill_value_of(policy: Optional[RandAugment]) -> float:
 
 def build_dali_loaders(args: argparse.Namespace, dataset_train, dataset_val, launch: LaunchEnvironment,
                        device: torch.device) -> tuple[DaliLoader, DaliLoader]:
-    """The train and evaluation loaders of ``--data-backend dali`` on ``device`` (DALI on its GPU, else on the
-    CPU with ``--num_workers`` threads), over the samplers the PIL loaders use."""
+    """The train and evaluation loaders of ``--data-backend dali`` on ``device`` (DALI on its GPU, the current one
+    for ``cuda`` without an index, else on the CPU with ``--num_workers`` threads), over the samplers the PIL
+    loaders use."""
     import_dali()
     sampler_train, sampler_val = build_samplers(args, dataset_train, dataset_val, launch)
-    device_id = device.index if device.type == 'cuda' else None
+    device_id = dali_device_id(device)
+    if device_id is not None:
+        device = torch.device('cuda', device_id)
     threads = max(args.num_workers, 1)
     crop, policy = pil_train_parts(args)
     fill_value = fill_value_of(policy)
@@ -542,12 +724,13 @@ def build_dali_loaders(args: argparse.Namespace, dataset_train, dataset_val, lau
         dataset_train, sampler_train, args.batch_size, train_drops_last(sampler_train, args.batch_size),
         lambda seed, depth: built(train_pipeline(args.batch_size, threads, device_id, seed, depth, size,
                                                  args.train_interpolation, policy, fill_value)),
-        lambda sizes: train_inputs(sizes, crop.scale, crop.ratio), device, args.skip_bad_images, after=erasing)
+        lambda sizes, rng: train_inputs(sizes, crop.scale, crop.ratio, rng), device, args.skip_bad_images,
+        after=erasing)
     resize_size = int(size / args.eval_crop_ratio)
     loader_val = DaliLoader(
         dataset_val, sampler_val, eval_batch, False,
         lambda seed, depth: built(eval_pipeline(eval_batch, threads, device_id, depth, size)),
-        lambda sizes: eval_inputs(sizes, resize_size, size), device, args.skip_bad_images)
+        lambda sizes, rng: eval_inputs(sizes, resize_size, size), device, args.skip_bad_images)
     return loader_train, loader_val
 
 

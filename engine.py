@@ -10,7 +10,7 @@ from typing import Any, ContextManager, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.utils import unwrap_model
+from timm.utils import ModelEmaV3, unwrap_model
 
 import utils
 from losses import DistillationCriterion
@@ -166,7 +166,7 @@ class Student:
 def student_step(student: Student, teacher: TeacherOutput, samples: torch.Tensor,
                  targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """One student's step on a batch the teacher has seen, in the student's own random stream: losses under
-    autocast, backward, optional clipping, optimizer step. Returns the terms, detached: the student's graph and its
+    autocast, backward, optional clipping, optimizer step; then the EMA update. Returns the terms, detached: the student's graph and its
     gradients are freed before the next student runs, so that students between their steps hold only their
     weights, EMA and optimizer state."""
     with student.own_stream():
@@ -175,6 +175,9 @@ def student_step(student: Student, teacher: TeacherOutput, samples: torch.Tensor
         student.precision.backward_and_step(terms['loss'], student.optimizer, student.model.parameters(),
                                             student.max_norm)
         student.optimizer.zero_grad(set_to_none=True)
+    if student.model_ema is not None:
+        # Queued before the step's host sync, so that its launches overlap the GPU's work on the step.
+        student.model_ema.update(student.model)
     return {name: value.detach() for name, value in terms.items()}
 
 
@@ -274,8 +277,6 @@ def train_one_epoch(
                 detail = ', '.join(f'{k}={v:.6g}' for k, v in named.items())
                 who = f'student {student.name}: ' if prefix else ''
                 raise NonFiniteLossError(f'{who}non-finite loss at epoch {epoch}, step {step}: {detail}')
-            if student.model_ema is not None:
-                student.model_ema.update(student.model)
             metric_logger.update(**{prefix + k: v for k, v in named.items()})
             metric_logger.update(**{f'{prefix}lr': student.optimizer.param_groups[0]['lr']})
         if stopping:
@@ -365,9 +366,35 @@ def build_optimizer(args, model: nn.Module, device: torch.device, lr: float) -> 
     return create_optimizer_v2(model, **{**optimizer_kwargs(args), 'lr': lr}, **({'fused': True} if fused else {}))
 
 
+class OriginalsModelEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` (every weight updated by one batched ``torch._foreach_*`` operation, not a Python loop
+    of three kernels per tensor) in the originals' arithmetic, timm 0.5.4's ``ModelEma``:
+    ``ema = decay * ema + (1 - decay) * model``. V3's own ``lerp`` rounds otherwise (2.4e-6 apart after 100 steps);
+    this is one rounding of the sum apart (1.2e-7). The students have no buffers, which the originals averaged too."""
+
+    def _foreach_lerp_(self, ema_values: list[torch.Tensor], model_values: list[torch.Tensor],
+                       weight: float) -> None:
+        torch._foreach_mul_(ema_values, 1. - weight)
+        torch._foreach_add_(ema_values, model_values, alpha=weight)
+
+    def _lerp_(self, ema_value: torch.Tensor, model_value: torch.Tensor, weight: float) -> None:
+        ema_value.mul_(1. - weight).add_(model_value.to(dtype=ema_value.dtype), alpha=weight)
+
+
+def build_model_ema(args, model: nn.Module) -> Optional[OriginalsModelEma]:
+    """The model EMA of ``--model-ema`` (DeiT's default), built before DDP or torch.compile wrap the model;
+    ``--model-ema-force-cpu`` keeps it on the CPU (then updated tensor by tensor)."""
+    if not args.model_ema:
+        return None
+    return OriginalsModelEma(model, decay=args.model_ema_decay,
+                             device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+
 def training_step(model, teacher, criterion, optimizer, precision: Precision, samples, targets,
-                  max_norm: Optional[float] = None) -> dict[str, torch.Tensor]:
-    """One student's ``train_step`` (the teacher's forward and the student's step), built from its parts."""
+                  max_norm: Optional[float] = None,
+                  model_ema: Optional[OriginalsModelEma] = None) -> dict[str, torch.Tensor]:
+    """One student's ``train_step`` (the teacher's forward and the student's step, its EMA updated), built from its
+    parts: the benchmark's and the tests' step of one student."""
     blocks = teacher.token_capture.block_ids if teacher is not None else ()
-    student = Student('', model, criterion, optimizer, precision, blocks, max_norm)
+    student = Student('', model, criterion, optimizer, precision, blocks, max_norm, model_ema)
     return train_step([student], teacher, samples, targets)[0]

@@ -147,6 +147,7 @@ def augmentation_policy(text: str) -> str:
 
 
 def device_name(text: str) -> str:
+    """A device ``torch.device`` parses (cuda, cuda:1, cpu)."""
     try:
         torch.device(text)
     except RuntimeError:
@@ -532,7 +533,7 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
         utils.retain_freed_memory()
     if args.benchmark:
         if args.papers:
-            return benchmark.run_papers(args, command_line_parser(), check_args)
+            return benchmark.run_papers(args, command_line_parser(), check_args, device)
         if len(variants) > 1:
             benchmark.run_variants(args, variants, device)
         else:

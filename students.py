@@ -13,11 +13,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.scheduler import create_scheduler
-from timm.utils import ModelEmaV2
 
 import checkpoints
 import utils
-from engine import TEACHER_PHASE, Precision, Student, build_optimizer
+from engine import TEACHER_PHASE, Precision, Student, build_model_ema, build_optimizer
 from launch import LaunchEnvironment
 from losses import build_criterion
 from models import compile_student, create_student, teacher_blocks
@@ -204,10 +203,7 @@ def build_student(variant: Variant, teacher: Optional[nn.Module], num_classes: i
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     # After DDP has broadcast rank 0's weights, so that every rank's EMA starts from the same model.
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
+    model_ema = build_model_ema(args, model_without_ddp)
     criterion = build_criterion(args)
     if args.compile:
         model, criterion = compile_student(model, criterion)

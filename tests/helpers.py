@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 
+import benchmark
 import engine
 import main
 import models
@@ -324,3 +325,12 @@ def faulty_open(matches: Callable[[str], bool], room: int, after: int = 0, kill:
 def fill_disk_at(monkeypatch, matches: Callable[[str], bool], room: int = 1000, after: int = 0) -> None:
     """The disk is full for the files opened for writing whose path ``matches``, after the first ``after``."""
     monkeypatch.setattr(builtins, 'open', faulty_open(matches, room, after))
+
+
+SPEEDUP_LINE = "speed-up over separate runs: 1.50x (bound 1.60x from the teacher's share 70%)"
+
+
+def stub_step(args, device: torch.device) -> benchmark.Step:
+    """A step of one student whose precision is the flags' and nothing else (its timing is stubbed)."""
+    return benchmark.Step([engine.Student('', None, None, None, engine.Precision.for_training(args, device))], None,
+                          None)

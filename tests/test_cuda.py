@@ -70,7 +70,8 @@ LOSS_PRINT_TOLERANCE = 1e-3  # and the loss
 
 @pytest.fixture()
 def device() -> torch.device:
-    return torch.device('cuda')
+    """The current GPU with its index, as ``main.process_device`` resolves ``--device cuda``."""
+    return torch.device('cuda', torch.cuda.current_device())
 
 
 @pytest.fixture()
@@ -412,8 +413,8 @@ def students_peak_and_held(device: torch.device, *variants: str) -> tuple[int, i
     optimizer states hold."""
     parser = main.command_line_parser()
     args = parser.parse_args([*CLSKD.argv(), '--device', device.type, '--benchmark', *variants])  # a random teacher
-    built, teacher = benchmark.build_students(args, students.parse_variants(parser, args, main.check_student_args),
-                                              device)
+    step = benchmark.build_step(args, device, students.parse_variants(parser, args, main.check_student_args))
+    built, teacher = step.students, step.teacher
     samples, targets = mixed_batch(args, device, CLSKD.batch_size)
     engine.train_step(built, teacher, samples, targets)  # the optimizers' state
     torch.cuda.synchronize(device)
@@ -425,7 +426,7 @@ def students_peak_and_held(device: torch.device, *variants: str) -> tuple[int, i
     held += sum(t.nbytes for student in built for state in student.optimizer.state.values() for t in state.values()
                 if isinstance(t, torch.Tensor))
     peak = torch.cuda.max_memory_allocated(device)
-    del built, teacher, samples, targets
+    del step, built, teacher, samples, targets
     torch.cuda.empty_cache()
     return peak, held
 
@@ -470,7 +471,8 @@ def test_dali_decodes_on_the_gpu_and_agrees_with_its_cpu_backend(small_jpegs, de
         val, _ = datasets.build_dataset(False, args)
         loader_train, loader_val = dali_data.build_dali_loaders(args, train, val, LaunchEnvironment(), where)
         images, targets = next(iter(loader_train))
-        assert images.device.type == where.type and images.shape == (8, 3, 64, 64) and targets.device.type == where.type
+        assert images.device == targets.device == where and images.shape == (8, 3, 64, 64)
+        assert loader_train._built.device_id == where.index  # the pipeline itself is on that GPU (None: the CPU)
         outputs[name] = torch.cat([images.cpu() for images, _ in loader_val])
     difference = (outputs['cuda'] - outputs['cpu']).abs()
     assert difference.mean(dim=(1, 2, 3)).max() <= DALI_DEVICE_MEAN_TOLERANCE

@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 import dali_data
 import datasets
 import main
-from helpers import (LAUNCH_TIMEOUT_S, PROBE, SHORT_DIST_TIMEOUT, Launch, launch, launch_env, rank_states, run_main,
-                     torchrun)
+from helpers import (LAUNCH_TIMEOUT_S, PROBE, SHORT_DIST_TIMEOUT, SPEEDUP_LINE, Launch, launch, launch_env,
+                     rank_states, run_main, stub_step, torchrun)
 from launch import LaunchEnvironment
 from shapes import make_shapes_dataset
 
@@ -132,9 +133,9 @@ def test_the_decoded_region_is_timms_crop_and_half_the_images_are_flipped(probes
     loader, _ = dali_loaders(args)
     requested = []
     make_inputs = loader.make_inputs
-    loader.make_inputs = lambda sizes: (lambda inputs: requested.extend(zip(inputs[dali_data.CROP_ANCHOR],
-                                                                           inputs[dali_data.CROP_SHAPE])) or inputs)(
-        make_inputs(sizes))
+    loader.make_inputs = lambda *given: (lambda inputs: requested.extend(zip(inputs[dali_data.CROP_ANCHOR],
+                                                                            inputs[dali_data.CROP_SHAPE])) or inputs)(
+        make_inputs(*given))
     outputs = torch.cat([images for _ in range(5) for images, _ in loader])
     pixels = to_pixels(outputs)
     scale_x, scale_y = (PROBE_SIZE[0] - 1) / 255, (PROBE_SIZE[1] - 1) / 255
@@ -158,10 +159,10 @@ def test_crop_areas_and_aspects_follow_timms_distribution():
     area and aspect histograms agree bin by bin within 5 sigma of the two samples' counting noise."""
     draws = 4000
     sizes = [(500, 375), (375, 500), (640, 480), (300, 300)]
-    random.seed(0)
+    rng = random.Random(0)
     ours = [(shape[0] * shape[1] / (w * h), shape[0] / shape[1])
             for w, h in sizes for shape in dali_data.train_inputs([(w, h)] * (draws // 4), (0.08, 1.0),
-                                                                   (3 / 4, 4 / 3))[dali_data.CROP_SHAPE]]
+                                                                   (3 / 4, 4 / 3), rng)[dali_data.CROP_SHAPE]]
     crop = RandomResizedCropAndInterpolation(IMAGE_SIZE)
     theirs = []
     for w, h in sizes:
@@ -222,10 +223,11 @@ def test_rand_augment_draws_follow_timms_policy(jpegs):
     encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
     sizes = [Image.open(f).size for f in files]
     indices, bins, signs, flips = [], [], [], []
+    rng = random.Random(0)
     for _ in range(runs):
         outputs = pipeline.run(**{dali_data.ENCODED: encoded,
                                   dali_data.LABELS: [np.array(0, dtype=np.int64)] * batch,
-                                  **dali_data.train_inputs(sizes, (0.08, 1.0), (3 / 4, 4 / 3))})
+                                  **dali_data.train_inputs(sizes, (0.08, 1.0), (3 / 4, 4 / 3), rng)})
         draws = [np.array(out.as_tensor()).reshape(-1) for out in outputs[2:]]
         flips += list(draws[0])
         for layer in range(policy.num_layers):
@@ -411,6 +413,127 @@ def test_skip_bad_images_warns_and_trains_on(broken):
     assert f'skipping unreadable image {broken}' in result.stderr
 
 
+@pytest.fixture()
+def broken_last(tmp_path) -> Path:
+    """12 JPEGs of two classes, the last file (in the last batch of 4 in file order) cut in half."""
+    root = tmp_path / 'broken_last'
+    make_shapes_dataset(str(root), num_classes=2, train_per_class=6, val_per_class=1, image_size=PHOTO_SIZE,
+                        jpeg_quality=90)
+    victim = sorted((root / 'train').rglob('*.jpg'))[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    return victim
+
+
+def test_skip_bad_images_recovers_in_an_epochs_last_batch(broken_last):
+    """DALI fails on the epoch's last batch, the only one in flight: the pipeline built again takes that batch alone
+    (it was built two batches deep and fed one: DALI's "no data" error)."""
+    root = broken_last.parents[2]
+    args = parse(root, *NO_AUGMENTATION, '--batch-size', '4', '--skip-bad-images')
+    loader, _ = dali_loaders(args)
+    loader.sampler = torch.utils.data.SequentialSampler(loader.dataset)
+    with pytest.warns(RuntimeWarning, match=f'skipping unreadable image {broken_last}'):
+        batches = list(loader)
+    assert [len(images) for images, _ in batches] == [4, 4, 4]
+    assert batches[-1][1].tolist() == [1, 1, 1, 0]  # the unreadable file's place taken by the next readable one
+    assert [len(images) for images, _ in loader] == [4, 4, 4]  # and the next epoch runs on the rebuilt pipeline
+
+
+def test_a_rank_without_evaluation_images_gets_no_batch(jpegs):
+    """--dist-eval with more ranks than validation images (20 here): a rank whose shard is empty evaluates nothing
+    (the pipeline, never built, was asked to run)."""
+    args = parse(jpegs, *NO_AUGMENTATION)
+    _, loader_val = dali_loaders(args, LaunchEnvironment(21, 24, 5, 'torchrun'))
+    assert len(loader_val) == 0 and list(loader_val) == []
+
+
+def test_the_next_batches_host_work_runs_off_the_main_thread(jpegs):
+    """The crops' draws and the feeding of DALI happen on the loader's own thread, while the main thread only takes
+    finished batches."""
+    args = parse(jpegs, *NO_AUGMENTATION)
+    loader, _ = dali_loaders(args)
+    threads = []
+    make_inputs = loader.make_inputs
+    loader.make_inputs = lambda *inputs: threads.append(threading.current_thread()) or make_inputs(*inputs)
+    assert sum(len(images) for images, _ in loader) == len(loader) * args.batch_size
+    assert len(threads) == len(loader) and threading.main_thread() not in threads
+
+
+def crops_and_order(loader, epochs) -> list:
+    """Per epoch: the crop windows requested for each image, in order, and the batches' pixels."""
+    requested = []
+    make_inputs = loader.make_inputs
+    loader.make_inputs = lambda *inputs: (lambda made: requested.append(
+        (np.stack(made[dali_data.CROP_ANCHOR]), np.stack(made[dali_data.CROP_SHAPE]))) or made)(make_inputs(*inputs))
+    per_epoch = []
+    for _ in epochs:
+        requested.clear()
+        images = torch.cat([images for images, _ in loader])
+        per_epoch.append((np.concatenate([a for a, _ in requested]), np.concatenate([s for _, s in requested]),
+                          images))
+    return per_epoch
+
+
+def test_crops_and_order_repeat_for_a_seed_and_after_a_resume(jpegs):
+    """With random erasing drawing from Python's and torch's generators on the main thread while the loader's thread
+    draws the crops: two runs with one seed give the same crops and images, epoch by epoch; a loader built afresh
+    from the generators' state at an epoch's start (what a checkpoint keeps) draws that epoch's crops again."""
+    args = parse(jpegs, '--aa', 'none', '--color-jitter', '0', '--reprob', '0.5')
+
+    def seeded_run(epochs):
+        random.seed(5)
+        torch.manual_seed(5)
+        loader, _ = dali_loaders(args)
+        first = crops_and_order(loader, epochs[:1])
+        state = random.getstate(), torch.get_rng_state()
+        return first + crops_and_order(loader, epochs[1:]), state
+
+    (first, state), (second, _) = seeded_run(range(2)), seeded_run(range(2))
+    for (anchors, shapes, images), (anchors2, shapes2, images2) in zip(first, second):
+        assert np.array_equal(anchors, anchors2) and np.array_equal(shapes, shapes2) and torch.equal(images, images2)
+    assert not np.array_equal(first[0][0], first[1][0])
+    random.setstate(state[0])
+    torch.set_rng_state(state[1])
+    resumed, _ = dali_loaders(args)
+    (anchors, shapes, _), = crops_and_order(resumed, range(1))
+    assert np.array_equal(anchors, first[1][0]) and np.array_equal(shapes, first[1][1])
+
+
+def test_a_cuda_device_without_index_builds_dali_for_the_current_gpu(jpegs, monkeypatch):
+    """``--device cuda`` (no index) as the benchmark and tests pass it: DALI's pipelines are built for the current
+    GPU, not for the CPU (whose outputs were then copied by host code into GPU memory: a segfault)."""
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 3)
+    built = []
+
+    class Built:
+        def build(self):
+            return self
+
+    def recorded(kind):
+        return lambda batch_size, num_threads, device_id, *rest, **options: built.append((kind, device_id)) or Built()
+
+    monkeypatch.setattr(dali_data, 'train_pipeline', recorded('train'))
+    monkeypatch.setattr(dali_data, 'eval_pipeline', recorded('eval'))
+    args = parse(jpegs, *NO_AUGMENTATION)
+    train, _ = datasets.build_dataset(True, args)
+    val, _ = datasets.build_dataset(False, args)
+    loaders = dali_data.build_dali_loaders(args, train, val, LaunchEnvironment(), torch.device('cuda'))
+    for loader in loaders:
+        loader.make_pipeline(0, 1)
+        assert loader.device == torch.device('cuda', 3)
+    assert built == [('train', 3), ('eval', 3)]
+
+
+def test_outputs_on_another_device_than_the_loaders_are_refused_in_one_line(jpegs):
+    """A batch DALI produced on the CPU for a loader that feeds a GPU is refused before anything is copied."""
+    args = parse(jpegs, *NO_AUGMENTATION)
+    loader, _ = dali_loaders(args)
+    loader.device = torch.device('cuda', 0)
+    with pytest.raises(dali_data.DevicePlacementError) as raised:
+        next(iter(loader))
+    message = str(raised.value)
+    assert message.splitlines() == [message] and 'cpu' in message and 'cuda:0' in message
+
+
 @pytest.mark.parametrize('extra, fragment', [
     (['--ThreeAugment'], '--ThreeAugment: --data-backend dali'),
     (['--aa', 'augmix-m5-w4-d2'], '--aa augmix-m5-w4-d2: --data-backend dali implements'),
@@ -484,15 +607,15 @@ def test_papers_benchmark_times_both_loaders_and_each_configuration_fed_by_both(
     """``--papers --data-path``: each loader alone for real (images/s, CPU per image, cores), then every eager
     configuration fed by pil and by dali (the steps themselves stubbed: their timing has its own tests)."""
     import benchmark
-    import engine
     stats = {'images_per_s': 200.0, 'ms_per_step': 640.0, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.8,
              'peak_tflops': 0.4, 'mfu': 0.5}
-    monkeypatch.setattr(benchmark, 'build_step', lambda args, device: benchmark.Step(
-        None, None, None, None, engine.Precision.for_training(args, device), None))
+    monkeypatch.setattr(benchmark, 'build_step', lambda args, device, variants=None: stub_step(args, device))
     monkeypatch.setattr(benchmark, 'time_training_step', lambda *args, **kwargs: stats)
+    monkeypatch.setattr(benchmark, 'speedup_report', lambda *args, **kwargs: SPEEDUP_LINE)
     fed = {'pil': 150.0, 'dali': 190.0}
-    monkeypatch.setattr(benchmark, 'time_step_from_files', lambda step, args, device, steps, warmup:
-                        fed[args.data_backend])
+    window = benchmark.Window(8, 16, 40, 60, 6)
+    monkeypatch.setattr(benchmark, 'time_step_from_files', lambda step, args, device, steps, warmup: {
+        'images_per_s': fed[args.data_backend], 'window': window})
     argv = ['--benchmark', '--papers', '--device', 'cpu', '--data-path', str(jpegs), '--num_workers', '1']
     assert main.run(argv) == 0
     out = capsys.readouterr().out
@@ -501,3 +624,32 @@ def test_papers_benchmark_times_both_loaders_and_each_configuration_fed_by_both(
         assert line and float(line[1]) > 0 and float(line[2]) > 0, out
     rows = re.findall(r'^\| (.+?) \| 200 \| 150 \(75%\) \| 190 \(95%\) \|$', out, re.M)
     assert len(rows) == 3, out
+    assert '- dali: batches 9-24 of one epoch of 40 (60 files, each listed 6 times)' in out
+
+
+def test_papers_benchmark_runs_on_the_resolved_gpu(monkeypatch, capsys):
+    """``--benchmark --papers --device cuda``: every row is built and timed on ``main.process_device``'s GPU (the
+    current one, with its index), not on a ``cuda`` device without one."""
+    import benchmark
+    import engine
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA H100 80GB HBM3')
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: None)
+    devices = []
+    stats = {'images_per_s': 200.0, 'ms_per_step': 640.0, 'peak_memory_gib': 1.0, 'gflops_per_image': 43.8,
+             'peak_tflops': 989.0, 'mfu': 0.5}
+
+    def build_step(args, device, variants=None):
+        devices.append(device)
+        return stub_step(args, device)
+
+    monkeypatch.setattr(benchmark, 'build_step', build_step)
+    monkeypatch.setattr(benchmark, 'time_training_step', lambda step, device, *a, **k: devices.append(device) or stats)
+    monkeypatch.setattr(benchmark, 'speedup_report', lambda step, device, args: devices.append(device) or SPEEDUP_LINE)
+    assert main.run(['--benchmark', '--papers', '--device', 'cuda']) == 0
+    # Each configuration eager and compiled (built, timed), and the shared row (built, timed, its speed-up).
+    assert len(devices) == 4 * len(benchmark.PAPER_CONFIGURATIONS) + 3
+    assert set(devices) == {torch.device('cuda', 2)}, devices

@@ -16,8 +16,12 @@ import main
 import models
 
 CASES = json.loads((Path(__file__).parent / 'reference_losses.json').read_text())
+# The contract's tolerance for the terms: what another arithmetic (TF32 on CUDA, tests/test_cuda.py) must keep.
 TERM_RTOL = 2e-4
-GRAD_RTOL = 2e-3
+# In float32 on the CPU the terms and gradient norms land far closer than the contract asks (rtol 2e-4 and 2e-3):
+# within 1.2e-6 and 4.1e-7 of the original code's on a 2-core AMD EPYC. Held to about four times that, so that a
+# change of arithmetic shows here.
+FLOAT32_RTOL = 5e-6
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 NORM_WEIGHT_SCALE = 0.1
@@ -71,8 +75,8 @@ def test_terms_and_gradients_match_original(name, tmp_path):
     assert set(terms) == set(expected_terms)
     for key, value in expected_terms.items():
         assert terms[key].dtype == torch.float32
-        assert terms[key].item() == pytest.approx(value, rel=TERM_RTOL, abs=1e-12), key
+        assert terms[key].item() == pytest.approx(value, rel=FLOAT32_RTOL, abs=1e-12), key
     terms['loss'].backward()
     params = dict(student.named_parameters())
     for key, value in reference['grad_norm'].items():
-        assert params[key].grad.norm().item() == pytest.approx(value, rel=GRAD_RTOL), key
+        assert params[key].grad.norm().item() == pytest.approx(value, rel=FLOAT32_RTOL), key

@@ -14,8 +14,8 @@ import datasets
 import engine
 import main
 import models
-from helpers import (ACCURACY_LINE, CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, REPO, check_compiled_matches_eager,
-                     main_argv, make_shapes, run_main, save_teacher)
+from helpers import (ACCURACY_LINE, CLSKD_TEST, CLSKD_TRAIN, MANIFOLD_TRAIN, REPO, SPEEDUP_LINE,
+                     check_compiled_matches_eager, main_argv, make_shapes, run_main, save_teacher, stub_step)
 from models import random_teacher
 
 CLSKD_TERMS = ('base', 'kd', 'mf_sample', 'mf_patch', 'mf_rand', 'cls', 'atn', 'loss')
@@ -136,6 +136,21 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
     assert fed and 0 < float(fed[1]) and 0 < int(fed[2]) <= 150, out
 
 
+def test_the_benchmarks_step_is_trainings_with_its_ema_update():
+    """The timed step is what training does per step: the step of ``engine.training_step`` with the EMA update
+    (``--model-ema`` is the default) and the host sync."""
+    args = main.get_args_parser().parse_args(['--device', 'cpu', '--model', 'deit_tiny_patch16_224', '--input-size',
+                                              '32', '--batch-size', '2', '--no-amp'])
+    step = benchmark.build_step(args, torch.device('cpu'))
+    model_ema = step.students[0].model_ema
+    assert model_ema is not None
+    before = {name: value.clone() for name, value in model_ema.module.state_dict().items()}
+    samples, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
+    benchmark.run_step(step, *step.mixup_fn(samples, targets))
+    after = model_ema.module.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
 def test_papers_mode_takes_only_run_flags(capsys):
     """``benchmark.py --papers`` sets the models, losses and batches itself: another such flag is one line, exit 2."""
     argv = ['--benchmark', '--papers', '--device', 'cpu', '--model', 'deit_small_patch16_224']
@@ -158,13 +173,21 @@ def test_papers_mode_prints_a_row_per_configuration_and_mode(monkeypatch, capsys
     """Every configuration eager and compiled, each row with its precision; the steps themselves are stubbed."""
     stats = {'images_per_s': 6.61, 'ms_per_step': 1210.4, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.84,
              'peak_tflops': 0.401, 'mfu': 0.7221}
-    monkeypatch.setattr(benchmark, 'build_step', lambda args, device: benchmark.Step(
-        None, None, None, None, engine.Precision.for_training(args, device), None))
+    built = []
+    monkeypatch.setattr(benchmark, 'build_step', lambda args, device, variants=None: built.append(variants) or
+                        stub_step(args, device))
     monkeypatch.setattr(benchmark, 'time_training_step', lambda *args, **kwargs: stats)
+    monkeypatch.setattr(benchmark, 'speedup_report', lambda *args, **kwargs: SPEEDUP_LINE)
     assert main.run(['--benchmark', '--papers', '--device', 'cpu', '--no-amp']) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '→' in line]
-    assert len(rows) == 2 * len(benchmark.PAPER_CONFIGURATIONS)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| ') and '→' in line]
+    assert len(rows) == 2 * len(benchmark.PAPER_CONFIGURATIONS) + 1
     assert all('| fp32 |' in row for row in rows) and sum('`--compile`' in row for row in rows) == 3
+    # The two [CLS]-KD headline students on one teacher: DeiT-Ti (the base) and DeiT-S, at the paper's batch.
+    assert rows[-1].startswith(f'| {benchmark.SHARED_MODE} |') and '| 128 |' in rows[-1]
+    assert [(v.name, v.args.model) for v in built[-1]] == [('base', 'deit_tiny_patch16_224'),
+                                                           ('small', 'deit_small_patch16_224')]
+    assert f'{benchmark.SHARED_MODE}: {SPEEDUP_LINE}' in out
 
 
 def test_flop_count_includes_cpu_attention():

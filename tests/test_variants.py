@@ -267,7 +267,8 @@ import benchmark, engine, main, students
 parser = main.command_line_parser()
 args = parser.parse_args(sys.argv[1:])
 variants = students.parse_variants(parser, args, main.check_student_args)
-built, teacher = benchmark.build_students(args, variants, torch.device('cpu'))
+step = benchmark.build_step(args, torch.device('cpu'), variants)
+built, teacher = step.students, step.teacher
 samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
 targets = torch.randint(0, 1000, (args.batch_size,))
 for _ in range(2):
