@@ -631,7 +631,6 @@ def test_papers_benchmark_runs_on_the_resolved_gpu(monkeypatch, capsys):
     """``--benchmark --papers --device cuda``: every row is built and timed on ``main.process_device``'s GPU (the
     current one, with its index), not on a ``cuda`` device without one."""
     import benchmark
-    import engine
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
