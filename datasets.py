@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -393,16 +393,6 @@ def build_loaders(args: argparse.Namespace, dataset_train: Dataset, dataset_val:
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
                             drop_last=False, **workers)
     return loader_train, loader_val
-
-
-def build_data_loaders(args: argparse.Namespace, dataset_train: Dataset, dataset_val: Dataset,
-                       launch: LaunchEnvironment, device: torch.device) -> tuple[Iterable, Iterable]:
-    """The loaders of ``--data-backend``: ``build_loaders`` (pil) or ``dali_data.build_dali_loaders`` (dali), the
-    same samplers either way."""
-    if args.data_backend == 'dali':
-        from dali_data import build_dali_loaders  # dali_data builds on this module
-        return build_dali_loaders(args, dataset_train, dataset_val, launch, device)
-    return build_loaders(args, dataset_train, dataset_val, launch)
 
 
 def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
