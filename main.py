@@ -28,13 +28,13 @@ import benchmark
 import checkpoints
 import utils
 from dali_data import build_data_loaders, check_dali_flags
-from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset, build_mixup
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset, build_mixup, num_classes_of
 from checkpoints import CHECKPOINT_NAME
 from engine import NonFiniteLossError, Precision, StopSignal, evaluate_students, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import feature_distillation
-from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes, load_teacher,
-                    no_token_capture, timm_weights_overlay, token_width)
+from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes,
+                    check_weight_files, load_teacher, no_token_capture, timm_weights_overlay, token_width)
 from students import Variant, build_student, parse_variants, prepare_run_dirs, resume_students, write_variants_table
 from utils import OutputWriteError, UserError
 
@@ -363,6 +363,9 @@ def check_student_args(args: argparse.Namespace) -> None:
     if trains_with_teacher and feature_distillation(args):
         # The block ranges, token counts and widths need only the architectures: meta-device models, no weights.
         check_token_shapes(args, num_classes=1)
+    num_classes = num_classes_of(args)
+    if num_classes is not None:
+        check_weight_files(args, num_classes)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -480,9 +483,11 @@ class PreemptionFlag(StopSignal):
         with self._lock:
             if self.signal is None:
                 self.signal, self.signal_time = signum, time.monotonic()
-                then = ('saving a checkpoint after this step' if self.saves else
-                        'stopping after this step; nothing is saved (no --output_dir)')
-                sys.stderr.write(f'Received {signal.Signals(signum).name}: {then}\n')
+                name = signal.Signals(signum).name
+                if self.saves:
+                    sys.stderr.write(f'Received {name}: saving a checkpoint after this step\n')
+                else:
+                    sys.stderr.write(f'Received {name}: stopping after this step; nothing is saved (no --output_dir)\n')
 
     def _watch(self, reader: socket.socket) -> None:
         while self.signal is None:
