@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dali_data
 import models
 import students
-from datasets import IMAGENET_NUM_CLASSES, build_data_loaders, build_dataset, build_mixup
+from datasets import IMAGENET_NUM_CLASSES, build_dataset, build_mixup
 from engine import Precision, Student, build_model_ema, build_optimizer, step_values_over_processes, teacher_forward, train_step
 from launch import LaunchEnvironment
 from losses import build_criterion
@@ -342,7 +342,7 @@ def train_loader(args, device: torch.device, warmup: int, steps: int) -> tuple[I
         dataset.samples = dataset.samples * window.repeats
         dataset.imgs = dataset.samples
         dataset.targets = [target for _, target in dataset.samples]
-    loader, _ = build_data_loaders(args, dataset, dataset, LaunchEnvironment(), device)
+    loader, _ = dali_data.build_data_loaders(args, dataset, dataset, LaunchEnvironment(), device)
     return loader, window
 
 

@@ -99,7 +99,7 @@ def is_torch_archive(path: str) -> bool:
         return f.read(len(LEGACY_HEADER)) == LEGACY_HEADER
 
 
-def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu') -> dict:
+def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu', lazy: bool = False) -> dict:
     """A checkpoint dict from a file or an http(s) URL, loaded without running pickled code.
 
     Errors are told apart by type once a file is known to be in torch.save's format: the weights-only unpickler
@@ -126,7 +126,10 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = 'cpu') -> dict:
                 checkpoint = torch.hub.load_state_dict_from_url(source, map_location=map_location, check_hash=False,
                                                                 weights_only=True)
             else:
-                checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+                # Lazy: the tensors' bytes are read only when used (memory-mapped), which torch.save's zip archives
+                # allow; a check of keys and shapes reads next to nothing.
+                checkpoint = torch.load(source, map_location=map_location, weights_only=True,
+                                        mmap=lazy and zipfile.is_zipfile(source))
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         raise UserError(f'cannot download checkpoint {source}: {_first_line(err)}') from None
     except pickle.UnpicklingError:
@@ -370,8 +373,9 @@ def checkpoint_weights(checkpoint: dict) -> dict:
     return clean_state_dict(checkpoint)
 
 
-def load_weights(model: nn.Module, state_dict: dict, path: str, flag: str, model_flag: str) -> None:
-    """Strict load; a file of another architecture is the user's error, named in one line."""
+def check_fit(model: nn.Module, state_dict: dict, path: str, flag: str, model_flag: str) -> None:
+    """Strict: ``state_dict`` holds exactly the model's keys in its shapes (a weightless meta-device model will do);
+    a file of another architecture is the user's error, named in one line."""
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
     mismatched = sorted(k for k in own.keys() & state_dict.keys()
@@ -381,7 +385,6 @@ def load_weights(model: nn.Module, state_dict: dict, path: str, flag: str, model
                    for label, keys in (('missing', missing), ('unexpected', unexpected),
                                        ('shape-mismatched', mismatched)) if keys]
         raise UserError(f'{flag} {path} does not fit {model_flag}: ' + ', '.join(details))
-    model.load_state_dict(state_dict)
 
 
 def teacher_architecture(model_name: str, state_dict: dict) -> str:
@@ -391,25 +394,47 @@ def teacher_architecture(model_name: str, state_dict: dict) -> str:
     return model_name
 
 
-def load_teacher_weights(model: nn.Module, state_dict: dict, path: str, model_flag: str) -> None:
-    """A teacher's weights, from DeiT's / CaiT's release layout or (TNT) the original release's names."""
+def teacher_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """A teacher's weights in the model's names: DeiT's / CaiT's release layout as it is, TNT's original names
+    renamed."""
     if model.default_cfg.get('architecture', '').startswith(TNT_PREFIX):
-        state_dict = timm.models.tnt.checkpoint_filter_fn(state_dict, model)
-    load_weights(model, state_dict, path, '--teacher-path', model_flag)
+        return timm.models.tnt.checkpoint_filter_fn(state_dict, model)
+    return state_dict
+
+
+def load_teacher_weights(model: nn.Module, state_dict: dict, path: str, model_flag: str) -> None:
+    state_dict = teacher_state_dict(model, state_dict)
+    check_fit(model, state_dict, path, '--teacher-path', model_flag)
+    model.load_state_dict(state_dict)
+
+
+def student_state_dict(model: nn.Module, state_dict: dict, training: bool) -> tuple[dict, bool]:
+    """``--resume``'s ``X['model']`` in the model's keys, and whether the projector's were set aside: evaluation
+    takes no projector (it is trained with the student but takes no part in its predictions)."""
+    state_dict = clean_state_dict(state_dict)
+    if training:
+        return state_dict, False
+    own = model.state_dict()
+    skipped = sorted(k for k in state_dict if k.startswith(PROJECTOR_PREFIX) and k not in own)
+    absent = sorted(k for k in own if k.startswith(PROJECTOR_PREFIX) and k not in state_dict)
+    if not (skipped or absent):
+        return state_dict, False
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
+    state_dict.update({k: own[k] for k in own if k.startswith(PROJECTOR_PREFIX)})
+    return state_dict, True
+
+
+def student_flag(model: nn.Module) -> str:
+    return f'--model {model.default_cfg.get("architecture", "")}'
 
 
 def load_student_weights(model: nn.Module, state_dict: dict, path: str, training: bool) -> None:
     """``--resume``'s ``X['model']``; for evaluation the projector (training only) is skipped with a note."""
-    state_dict = clean_state_dict(state_dict)
-    if not training:
-        own = model.state_dict()
-        skipped = sorted(k for k in state_dict if k.startswith(PROJECTOR_PREFIX) and k not in own)
-        absent = sorted(k for k in own if k.startswith(PROJECTOR_PREFIX) and k not in state_dict)
-        if skipped or absent:
-            print(f'Note: {path}: the projector is only used in training; its weights are not loaded for evaluation')
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
-            state_dict.update({k: own[k] for k in own if k.startswith(PROJECTOR_PREFIX)})
-    load_weights(model, state_dict, path, '--resume', f'--model {model.default_cfg.get("architecture", "")}')
+    state_dict, projector_skipped = student_state_dict(model, state_dict, training)
+    if projector_skipped:
+        print(f'Note: {path}: the projector is only used in training; its weights are not loaded for evaluation')
+    check_fit(model, state_dict, path, '--resume', student_flag(model))
+    model.load_state_dict(state_dict)
 
 
 def load_finetune(model: nn.Module, path: str) -> None:

@@ -14,7 +14,6 @@ threads read ahead, draw the crops, feed DALI and hand finished batches on the d
 import argparse
 import io
 import math
-import os
 import queue
 import random
 import threading
@@ -24,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FunctionType
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +34,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import BatchSampler
 
-from datasets import (EVAL_BATCH_FACTOR, IMAGE_READ_ERRORS, SMALL_INPUT_SIZE, UnreadableImageError, build_samplers,
-                      build_transform, train_drops_last)
+from datasets import (EVAL_BATCH_FACTOR, IMAGE_READ_ERRORS, SMALL_INPUT_SIZE, UnreadableImageError, build_loaders,
+                      build_samplers, build_transform, train_drops_last)
 from launch import LaunchEnvironment
 from utils import UserError
 
@@ -737,3 +736,13 @@ def build_dali_loaders(args: argparse.Namespace, dataset_train, dataset_val, lau
 def built(pipeline):
     pipeline.build()
     return pipeline
+
+
+def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, launch: LaunchEnvironment,
+                       device: torch.device) -> tuple[Iterable, Iterable]:
+    """The loaders of ``--data-backend``: ``datasets.build_loaders`` (pil: DeiT's DataLoaders) or
+    ``build_dali_loaders`` (dali), over the same samplers either way. The choice lives here, where both backends are
+    known: this module builds on ``datasets``, never the other way round."""
+    if args.data_backend == 'dali':
+        return build_dali_loaders(args, dataset_train, dataset_val, launch, device)
+    return build_loaders(args, dataset_train, dataset_val, launch)

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 
 from launch import LaunchEnvironment
 from samplers import RASampler, ShardedEvalSampler
-from shapes import TRAIN_SPLIT, VAL_SPLIT, ensure_shapes
+from shapes import SHAPES_NUM_CLASSES, TRAIN_SPLIT, VAL_SPLIT, ensure_shapes
 
 DATA_SETS = ('CIFAR', 'CIFAR10', 'CIFAR100', 'IMNET', 'INAT', 'INAT19', 'SHAPES')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
@@ -218,6 +218,24 @@ def _build_cifar(cls: type, is_train: bool, args: argparse.Namespace, transform:
             f"(fix --data-path to the folder holding {cls.base_folder}/, or pass --download)") from err
 
 
+# The class count of the data sets whose flags tell it: ImageNet (whatever subset of folders), CIFAR-100 and -10.
+FIXED_NUM_CLASSES = {'IMNET': IMAGENET_NUM_CLASSES, 'CIFAR': 100, 'CIFAR100': 100, 'CIFAR10': 10}
+
+
+def num_classes_of(args: argparse.Namespace) -> Optional[int]:
+    """The class count ``build_dataset`` will give, told before any image is read: from the flags, or for the
+    shapes from their class folders (or the count they are drawn with, when not drawn yet); None for iNaturalist,
+    whose annotations tell it."""
+    if args.data_set in FIXED_NUM_CLASSES:
+        return FIXED_NUM_CLASSES[args.data_set]
+    if args.data_set == 'SHAPES':
+        train = os.path.join(args.data_path, TRAIN_SPLIT)
+        if not os.path.isdir(train):
+            return SHAPES_NUM_CLASSES
+        return sum(entry.is_dir() for entry in os.scandir(train))
+    return None
+
+
 def build_dataset(is_train: bool, args: argparse.Namespace) -> tuple[Dataset, int]:
     """Build the train or eval dataset selected by ``args.data_set``; returns ``(dataset, nb_classes)``."""
     if is_train and args.ThreeAugment:
@@ -229,9 +247,9 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> tuple[Dataset, in
     name = args.data_set
 
     if name in ('CIFAR', 'CIFAR100'):
-        return _build_cifar(datasets.CIFAR100, is_train, args, transform), 100
+        return _build_cifar(datasets.CIFAR100, is_train, args, transform), FIXED_NUM_CLASSES[name]
     if name == 'CIFAR10':
-        return _build_cifar(datasets.CIFAR10, is_train, args, transform), 10
+        return _build_cifar(datasets.CIFAR10, is_train, args, transform), FIXED_NUM_CLASSES[name]
     if name == 'IMNET':
         root = os.path.join(args.data_path, split)
         dataset = CheckedImageFolder(root, transform=transform, skip_bad_images=skip_bad_images)
@@ -239,7 +257,7 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> tuple[Dataset, in
             raise ValueError(
                 f"{root} has {len(dataset.classes)} class folders, more than ImageNet's {IMAGENET_NUM_CLASSES}")
         # Fixed head size so ImageNet checkpoints evaluate on any subset of the classes.
-        return dataset, IMAGENET_NUM_CLASSES
+        return dataset, FIXED_NUM_CLASSES[name]
     if name in INAT_YEARS:
         if not os.path.isdir(args.data_path):
             raise _data_path_error(args.data_path, 'iNaturalist folder')
@@ -393,16 +411,6 @@ def build_loaders(args: argparse.Namespace, dataset_train: Dataset, dataset_val:
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
                             drop_last=False, **workers)
     return loader_train, loader_val
-
-
-def build_data_loaders(args: argparse.Namespace, dataset_train: Dataset, dataset_val: Dataset,
-                       launch: LaunchEnvironment, device: torch.device) -> tuple[Iterable, Iterable]:
-    """The loaders of ``--data-backend``: ``build_loaders`` (pil) or ``dali_data.build_dali_loaders`` (dali), the
-    same samplers either way."""
-    if args.data_backend == 'dali':
-        from dali_data import build_dali_loaders  # dali_data builds on this module
-        return build_dali_loaders(args, dataset_train, dataset_val, launch, device)
-    return build_loaders(args, dataset_train, dataset_val, launch)
 
 
 def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:

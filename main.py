@@ -27,14 +27,14 @@ from timm.utils import random_seed
 import benchmark
 import checkpoints
 import utils
-from dali_data import check_dali_flags
-from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_data_loaders, build_dataset, build_mixup
+from dali_data import build_data_loaders, check_dali_flags
+from datasets import DATA_SETS, INAT_CATEGORIES, UnreadableImageError, build_dataset, build_mixup, num_classes_of
 from checkpoints import CHECKPOINT_NAME
 from engine import NonFiniteLossError, Precision, StopSignal, evaluate_students, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import feature_distillation
-from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes, load_teacher,
-                    no_token_capture, timm_weights_overlay, token_width)
+from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes,
+                    check_weight_files, load_teacher, no_token_capture, timm_weights_overlay, token_width)
 from students import Variant, build_student, parse_variants, prepare_run_dirs, resume_students, write_variants_table
 from utils import OutputWriteError, UserError
 
@@ -363,6 +363,9 @@ def check_student_args(args: argparse.Namespace) -> None:
     if trains_with_teacher and feature_distillation(args):
         # The block ranges, token counts and widths need only the architectures: meta-device models, no weights.
         check_token_shapes(args, num_classes=1)
+    num_classes = num_classes_of(args)
+    if num_classes is not None:
+        check_weight_files(args, num_classes)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -444,7 +447,8 @@ def process_device(name: str, launch: LaunchEnvironment) -> torch.device:
 
 class PreemptionFlag(StopSignal):
     """Set by SIGTERM / SIGUSR1 (cluster preemption; torchrun and Slurm stopping a job): every process finishes the
-    same step (they agree in the step's all-reduce), rank 0 saves and all exit to be requeued.
+    same step (they agree in the step's all-reduce), rank 0 saves (where the run ``saves``: it has an
+    ``--output_dir``) and all exit to be requeued.
 
     A process blocked in a collective of the step cannot run a Python signal handler: a peer has died or hangs, and
     torchrun (or ``srun --kill-on-bad-exit``) is now stopping the survivors with SIGTERM, followed by SIGKILL 30 s
@@ -456,7 +460,8 @@ class PreemptionFlag(StopSignal):
     they take, and a signal during them is a preemption like any other (the step ends, rank 0 saves, exit 75).
     """
 
-    def __init__(self, distributed: bool):
+    def __init__(self, distributed: bool, saves: bool):
+        self.saves = saves
         self.signal: Optional[int] = None
         self.signal_time = 0.0
         self.waiting_since: Optional[float] = None
@@ -478,7 +483,11 @@ class PreemptionFlag(StopSignal):
         with self._lock:
             if self.signal is None:
                 self.signal, self.signal_time = signum, time.monotonic()
-                sys.stderr.write(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step\n')
+                name = signal.Signals(signum).name
+                if self.saves:
+                    sys.stderr.write(f'Received {name}: saving a checkpoint after this step\n')
+                else:
+                    sys.stderr.write(f'Received {name}: stopping after this step; nothing is saved (no --output_dir)\n')
 
     def _watch(self, reader: socket.socket) -> None:
         while self.signal is None:
@@ -584,7 +593,7 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
         run_evaluation()
         return 0
 
-    preempted = PreemptionFlag(launch.distributed)
+    preempted = PreemptionFlag(launch.distributed, saves=bool(args.output_dir))
     # Everything built so far (torch's, timm's and dynamo's modules, the models) lives as long as the process: frozen
     # out of the garbage collector's way, a full collection no longer walks it, nor does the interpreter's last one
     # at exit (1.1 of the 1.3 s a finished run took to exit).
@@ -607,6 +616,8 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
                     run.save(epoch - 1)
                 saved = runs[0].checkpoint_path if len(runs) == 1 else f'{args.output_dir}/<NAME>/{CHECKPOINT_NAME}'
                 sys.stderr.write(f'Preempted: saved {saved}; exiting with code {EXIT_REQUEUE} to be requeued\n')
+            else:
+                sys.stderr.write(f'Preempted: nothing saved (no --output_dir); exiting with code {EXIT_REQUEUE}\n')
             return EXIT_REQUEUE
         for phase, seconds in result.seconds.items():
             step_seconds[phase] += seconds

@@ -462,6 +462,30 @@ def check_token_shapes(args, num_classes: int) -> None:
                         f'{" and ".join(layout_differences(layout_s, layout_t))} differ; {"; ".join(needs)}')
 
 
+def check_weight_files(args, num_classes: int) -> None:
+    """The local files of ``--teacher-path`` (when the run trains with a teacher) and ``--resume``, checked against
+    weightless (meta-device) models before anything is written: a file of another architecture (or class count) is
+    one line naming it. The files are read lazily (memory-mapped): keys and shapes, next to no bytes."""
+    def local(path: str) -> bool:
+        return bool(path) and timm_weights_overlay(path) is None and not path.startswith(checkpoints.URL_SCHEMES)
+
+    if not args.eval and args.distillation_type != 'none' and local(args.teacher_path):
+        state_dict = checkpoints.checkpoint_weights(checkpoints.load_checkpoint(args.teacher_path, lazy=True))
+        name = checkpoints.teacher_architecture(args.teacher_model, state_dict)
+        with torch.device('meta'):
+            teacher = build_model(name, '--teacher-model', num_classes=num_classes,
+                                  **teacher_size_kwargs(name, args.input_size))
+        checkpoints.check_fit(teacher, checkpoints.teacher_state_dict(teacher, state_dict), args.teacher_path,
+                              '--teacher-path', f'--teacher-model {args.teacher_model}')
+    if local(args.resume):
+        checkpoint = checkpoints.load_checkpoint(args.resume, lazy=True)
+        if isinstance(checkpoint.get('model'), dict):
+            with torch.device('meta'):
+                student = create_student(args, None, num_classes)
+            state_dict, _ = checkpoints.student_state_dict(student, checkpoint['model'], not args.eval)
+            checkpoints.check_fit(student, state_dict, args.resume, '--resume', checkpoints.student_flag(student))
+
+
 def load_teacher(args, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32,
                  students: Optional[Sequence] = None) -> Optional[Teacher]:
     """The frozen teacher on ``device`` for the students whose flags are ``students`` (default: ``args``'s alone;

@@ -3,12 +3,13 @@ forward per batch. Each student is built from its own flags, resumed, checkpoint
 in ``<output_dir>/<NAME>/`` when there are variants; ``<output_dir>/variants.md`` compares them.
 """
 import argparse
+import contextlib
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,19 +102,28 @@ def parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace,
             tokens = shlex.split(flags)
         except ValueError as err:
             raise UserError(f'--variant {name}: its flags do not split as a shell would split them ({err})') from None
-        try:
-            shared = [flag for flag in flags_given(parser, tokens) if _dest(parser, flag) not in STUDENT_FLAGS]
-            if shared:
-                raise UserError(f'{shared[0]} is shared by every student of a run (data, augmentation, mixup, batch, '
-                                'input size, epochs and schedule, teacher, precision, launch and output are); a variant '
-                                "sets its student's own flags: model, drop path, loss terms, optimizer and LR, EMA, "
-                                'seed')
+        with refusals_named(name):
+            given = flags_given(parser, tokens)
+        shared = [flag for flag in given if _dest(parser, flag) not in STUDENT_FLAGS]
+        if shared:
+            raise UserError(f'--variant {name}: {shared[0]} is shared by every student of a run (data, augmentation, '
+                            'mixup, batch, input size, epochs and schedule, teacher, precision, launch and output '
+                            "are); a variant sets its student's own flags: model, drop path, loss terms, optimizer "
+                            'and LR, EMA, seed')
+        with refusals_named(name):
             own = student_args(parser.parse_args(tokens, namespace=argparse.Namespace(**vars(args))), name)
             check(own)
-        except UserError as err:
-            raise UserError(f'--variant {name}: {err}') from None
         students.append(Variant(name, own, flags.strip(), among_variants=True))
     return students
+
+
+@contextlib.contextmanager
+def refusals_named(name: str) -> Iterator[None]:
+    """A refusal of the variant's flags (the parser's, the command line's checks) names the variant."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f'--variant {name}: {err}') from None
 
 
 def _dest(parser: argparse.ArgumentParser, flag: str) -> str:

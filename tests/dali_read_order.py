@@ -46,10 +46,10 @@ def note_read_order(patch: Patch = setattr) -> list[dict]:
             epochs.append({'batches': [], 'crops': []})
         yield from iterate(self)
 
-    def feeding(self, pipeline, batch) -> None:
+    def feeding(self, pipeline, batch, *rest) -> None:
         if id(self) in training:
             epochs[-1]['batches'].append(list(batch.indices))
-        feed(self, pipeline, batch)
+        feed(self, pipeline, batch, *rest)
 
     def cropping(*args, **kwargs) -> dict:
         inputs = crop_inputs(*args, **kwargs)

@@ -136,3 +136,24 @@ def test_a_corrupt_image_is_one_line_naming_it(tmp_path, workers):
     assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-3000:]
     err = result.stderr.strip().splitlines()[-1]
     assert err.startswith(f'error: cannot read image {bad}: ') and '--skip-bad-images' in err, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize('case', ['model', 'teacher', 'resume', 'resume-eval'])
+def test_a_bad_model_teacher_or_resume_file_leaves_no_output_dir(case, shapes, tiny_teacher, tmp_path, capsys):
+    """Checked before --output_dir is created or any image read: an unknown --model, and a --teacher-path or
+    --resume file of another architecture (its keys and shapes read lazily against a weightless model)."""
+    other = save_teacher(tmp_path / 'small.pth', 'deit_small_patch16_224', img_size=32)
+    out = tmp_path / 'run'
+    argv = ['--data-path', str(shapes), '--output_dir', str(out)] + MANIFOLD + FAST
+    flags, fragments = {
+        'model': (['--model', 'no_such_model', '--teacher-path', str(tiny_teacher)],
+                  ['--model no_such_model: unknown model']),
+        'teacher': (['--teacher-path', str(other)],
+                    [f'--teacher-path {other} does not fit --teacher-model deit_tiny_patch16_224']),
+        'resume': (['--teacher-path', str(tiny_teacher), '--resume', str(other)],
+                   [f'--resume {other} does not fit --model deit_tiny_patch16_224']),
+        'resume-eval': (['--eval', '--resume', str(other)],
+                        [f'--resume {other} does not fit --model deit_tiny_patch16_224']),
+    }[case]
+    fails_with(argv + flags, capsys, *fragments)
+    assert not out.exists()

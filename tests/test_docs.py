@@ -99,14 +99,14 @@ def test_the_flags_page_is_written_from_the_parser():
 
 def test_a_flag_added_to_the_parser_is_a_difference():
     parser = main.get_args_parser()
-    parser.add_argument_group('Student variants').add_argument(
-        '--variant', action='append', metavar="'NAME: <flags>'", help='a student of its own flags')
+    parser.add_argument_group('Extra teachers').add_argument(
+        '--extra-teacher', action='append', metavar="'NAME: <path>'", help='a teacher of its own weights')
     written = flags_generator().render(parser)
     assert written != FLAGS_PAGE.read_text()
     assert written.endswith(
-        "## Student variants\n\n| flag | takes | default | what it does |\n| --- | --- | --- | --- |\n"
-        "| `--variant` | `'NAME: <flags>'`: text; repeatable, each use adds one | none | "
-        'a student of its own flags |\n')
+        "## Extra teachers\n\n| flag | takes | default | what it does |\n| --- | --- | --- | --- |\n"
+        "| `--extra-teacher` | `'NAME: <path>'`: text; repeatable, each use adds one | none | "
+        'a teacher of its own weights |\n')
 
 
 def test_every_kind_of_flag_is_described():
@@ -313,6 +313,8 @@ class Project:
             self._add_error(self.wrapped[name, module.name], self.pattern(module, call.args[0], {}), where)
         elif name in LINE_WRITERS and call.args:
             line = self.pattern(module, call.args[0], {}).strip()
+            if line == ERROR_PREFIX + HOLE:  # a script's main printing a user error: found where it is made
+                return
             if line.startswith(ERROR_PREFIX):
                 self.errors.append((line, where))
             elif line.strip(HOLE):
@@ -390,19 +392,19 @@ def test_every_troubleshooting_entry_quotes_a_message_of_the_code():
 def test_a_message_changed_or_added_without_its_entry_is_noticed():
     sources = project_sources()
     sources['launch'] = sources['launch'].replace('cannot choose a port under SLURM', 'no port under SLURM')
-    sources['students'] = ('import datasets\n'
+    sources['scratch'] = ('import datasets\n'
                            'from utils import UserError\n'
                            'def check_variant(name, path):\n'
                            "    if name == 'base':\n"
-                           "        raise UserError(f'--variant {name}: the name of the base student')\n"
+                           "        raise UserError(f'--cohort {name}: the name of the base student')\n"
                            "    raise datasets._data_path_error(path, 'variants file')\n")
     project = Project(sources)
     entries = page_entries(TROUBLESHOOTING.read_text())
     missing = without_entry(project, entries)
     assert sorted(missing) == [
         'launch.py:126: error: no port under SLURM: set MASTER_PORT or --dist-port (SLURM_JOB_ID is not set)',
-        'students.py:5: error: --variant {...}: the name of the base student',
-        'students.py:6: error: variants file not found: {...} (fix --data-path)',
+        'scratch.py:5: error: --cohort {...}: the name of the base student',
+        'scratch.py:6: error: variants file not found: {...} (fix --data-path)',
     ]
     assert without_message(project, entries) == [
         'error: cannot choose a port under SLURM: set MASTER_PORT or --dist-port (SLURM_JOB_ID is not set)']

@@ -160,6 +160,19 @@ def test_preemption_saves_exits_75_and_requeue_resumes(data, uninterrupted, tmp_
     assert steps[0] != steps[1], 'the preempted epoch ran one step before stopping, so the step counts differ'
 
 
+def test_preemption_without_an_output_dir_says_that_nothing_is_saved(data, tmp_path, monkeypatch, capsys):
+    argv = train_argv(data, tmp_path / 'unused', '--epochs', str(EPOCHS))
+    at = argv.index('--output_dir')
+    del argv[at:at + 2]
+    with monkeypatch.context() as patch:
+        stop_at(patch, STOP_EPOCH, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        assert main.run(argv) == main.EXIT_REQUEUE
+    stderr = capsys.readouterr().err
+    assert 'Received SIGTERM: stopping after this step; nothing is saved (no --output_dir)' in stderr
+    assert f'Preempted: nothing saved (no --output_dir); exiting with code {main.EXIT_REQUEUE}' in stderr
+    assert 'saving a checkpoint' not in stderr and not (tmp_path / 'unused').exists()
+
+
 def test_no_auto_resume_starts_afresh(data, uninterrupted, tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
