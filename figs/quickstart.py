@@ -1,11 +1,12 @@
 """Quickstart: does distillation help, and which terms? A teacher and four students over three seeds, on the
 built-in shapes data set, on a CPU, in minutes.
 
-Trains a teacher once on the full training set, then four students on a fifth of it with the same budget (no
-teacher, DeiT soft KD, Manifold Distillation, [CLS]-KD + Manifold), each with every seed of ``--seeds``, each as a
-``python main.py ...`` process (the code path of ImageNet training; ``--jobs`` of them at a time), and writes
-``results.md`` (mean and spread over the seeds), ``accuracy.png`` (with error bars), ``losses.png`` and
-``commands.sh`` to ``--out``::
+Trains a teacher once on the full training set, then for every seed of ``--seeds`` four students on a fifth of it
+with the same budget (no teacher, soft KD, Manifold Distillation, [CLS]-KD + Manifold) in one ``python main.py ...``
+process (the code path of ImageNet training): the soft-KD student is the command's, the others its ``--variant``s,
+so that the four see the same batches and start from the same weights, and the teacher's forward is paid once per
+batch (``--jobs`` of these processes at a time). Writes ``results.md`` (mean and spread over the seeds),
+``accuracy.png`` (with error bars), ``losses.png`` and ``commands.sh`` to ``--out``::
 
     python figs/quickstart.py --out runs/quickstart
     python figs/quickstart.py --out runs/quickstart-smoke --smoke   # the same pipeline, tiny budget
@@ -67,7 +68,7 @@ SEEDS = (0, 1, 2)
 TEACHER_BATCH_SIZE = 64
 BATCH_SIZE = 32
 LR = 1e-3
-# Two single-threaded students at a time train 1.5x faster on 2 cores than one at a time on both.
+# Two single-threaded runs at a time train faster on 2 cores than one at a time on both (small matmuls).
 JOBS = min(2, os.cpu_count() or 1)
 # One warm-up epoch would run epochs 0 and 1 at --warmup-lr (DeiT steps the schedule with the finished
 # epoch's index): a third of a student's budget learning nothing.
@@ -86,6 +87,9 @@ SMOKE_STUDENT_TRAIN_PER_CLASS = 1
 LAYER_IDS = (0, 1, 2, 3, 8, 9, 10, 11)
 MANIFOLD_FLAGS = ('--w-sample', '0.1', '--w-patch', '4', '--w-rand', '0.2', '--K', '192')
 CLSKD_FLAGS = ('--w-cls', '1.0', '--w-atn', '2.0', '--last-w', '4.0')
+# The papers' commands learn from the teacher only: no label term, every Manifold term at its own weight.
+PAPERS_WEIGHTS = ('--distillation-alpha', '1', '--distillation-beta', '1')
+BASE = 'base'  # main.py's name for the student of the command itself, among --variant's
 
 # Same for every run. The model EMA is never evaluated, so it is skipped to save time. The per-epoch evaluation
 # runs in the training precision: on a CPU with native bf16 that is 3.5x faster than DeiT's float32 evaluation
@@ -110,17 +114,32 @@ DPI = 120
 
 
 @dataclass(frozen=True)
-class Run:
-    """One ``main.py`` training run of the quickstart."""
-    name: str
-    method: str
+class Method:
+    """A row of the table: a student of each seed's run, named ``key`` there (``BASE`` for the command's own),
+    with the flags it adds to the students' command (a ``--variant``)."""
+    key: str
+    label: str
     teacher: str  # '-' when no teacher is used
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``main.py`` training run of the quickstart: the teacher's, or a seed's with every method's student."""
+    name: str
+    label: str
     model: str
     epochs: int
     seed: int
     batch_size: int
     data_dir: str
     flags: tuple[str, ...]
+    methods: tuple[Method, ...] = ()
+
+    def log_paths(self, out: Path) -> list[Path]:
+        """Each student's ``log.txt`` (the teacher's own for the teacher's run)."""
+        folders = [out / self.name / method.key for method in self.methods] or [out / self.name]
+        return [folder / 'log.txt' for folder in folders]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -180,24 +199,32 @@ def check_patches(args: argparse.Namespace) -> None:
                              f'the feature terms need at least {MIN_PATCHES}')
 
 
+def plan_methods(args: argparse.Namespace) -> tuple[Method, ...]:
+    """The four students of a seed's run: they differ only in the terms the table names. The distilled ones learn
+    at the papers' weights (``--distillation-alpha 1 --distillation-beta 1``: from the teacher only, no label
+    term), so that soft KD is the logit term alone and each further row adds its terms to it."""
+    layers = ('--s-id', *map(str, args.s_id), '--t-id', *map(str, args.t_id))
+    return (
+        Method('no_teacher', 'no teacher', '-', ('--distillation-type', 'none')),
+        Method(BASE, 'soft KD', args.teacher_model, ()),
+        Method('manifold', 'Manifold', args.teacher_model, layers + MANIFOLD_FLAGS),
+        Method('clskd_manifold', '[CLS]-KD + Manifold', args.teacher_model, layers + MANIFOLD_FLAGS + CLSKD_FLAGS),
+    )
+
+
 def plan_runs(args: argparse.Namespace, out: Path) -> list[Run]:
-    """The teacher (once, first seed), then the four students for every seed; students differ only in their
-    distillation flags."""
+    """The teacher (once, first seed), then one run of the four students for every seed."""
     teacher_path = out / 'teacher' / CHECKPOINT_NAME
     distill = ('--teacher-model', args.teacher_model, '--teacher-path', str(teacher_path),
-               '--distillation-type', 'soft')
-    layers = ('--s-id', *map(str, args.s_id), '--t-id', *map(str, args.t_id))
-    methods = [
-        ('no_teacher', 'no teacher', '-', ('--distillation-type', 'none')),
-        ('deit_soft', 'DeiT soft KD', args.teacher_model, distill),
-        ('manifold', 'Manifold', args.teacher_model, distill + layers + MANIFOLD_FLAGS),
-        ('clskd_manifold', '[CLS]-KD + Manifold', args.teacher_model, distill + layers + MANIFOLD_FLAGS + CLSKD_FLAGS),
-    ]
-    teacher = Run('teacher', 'teacher (from scratch)', '-', args.teacher_model, args.teacher_epochs, args.seeds[0],
+               '--distillation-type', 'soft') + PAPERS_WEIGHTS
+    methods = plan_methods(args)
+    variants = tuple(word for method in methods if method.key != BASE
+                     for word in ('--variant', f'{method.key}: {shlex.join(method.flags)}'))
+    teacher = Run('teacher', 'teacher (from scratch)', args.teacher_model, args.teacher_epochs, args.seeds[0],
                   args.teacher_batch_size, DATA_DIR_NAME, ('--distillation-type', 'none'))
-    return [teacher] + [Run(f'{key}_seed{seed}', method, teacher_name, args.model, args.epochs, seed,
-                            args.batch_size, STUDENT_DATA_DIR_NAME, flags)
-                        for key, method, teacher_name, flags in methods for seed in args.seeds]
+    return [teacher] + [Run(f'seed{seed}', f'the students of seed {seed}', args.model, args.epochs, seed,
+                            args.batch_size, STUDENT_DATA_DIR_NAME, distill + variants, methods)
+                        for seed in args.seeds]
 
 
 def main_command(run: Run, args: argparse.Namespace, out: Path) -> list[str]:
@@ -212,15 +239,15 @@ def main_command(run: Run, args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def is_progress_line(line: str) -> bool:
-    """The DeiT progress lines worth showing by default: steps with ETA, accuracy, total time."""
-    return line.startswith(('Epoch:', 'Test:', '* Acc@1', 'Max accuracy', 'Training time', 'error'))
+    """The DeiT progress lines worth showing by default: steps with ETA, accuracy (each student's), total time."""
+    return line.startswith(('Epoch:', 'Test:', '* Acc@1', 'Max accuracy', 'Training time', 'error')) or \
+        '] * Acc@1' in line
 
 
 def run_main(run: Run, command: list[str], run_dir: Path, verbose: bool, threads: int) -> float:
     """Run one ``main.py`` process on ``threads`` CPU threads, echoing its progress; returns its wall time in s."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f'\n=== {run.method}, seed {run.seed}: {run.model}, {run.epochs} epochs ===\n{shlex.join(command)}',
-          flush=True)
+    print(f'\n=== {run.label}: {run.model}, {run.epochs} epochs ===\n{shlex.join(command)}', flush=True)
     start = time.perf_counter()
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
     with (run_dir / STDOUT_NAME).open('w') as log, subprocess.Popen(
@@ -239,9 +266,8 @@ def run_main(run: Run, command: list[str], run_dir: Path, verbose: bool, threads
     return seconds
 
 
-def is_finished(run: Run, run_dir: Path) -> bool:
-    log = run_dir / 'log.txt'
-    return log.is_file() and len(read_log(log)) >= run.epochs
+def is_finished(run: Run, out: Path) -> bool:
+    return all(log.is_file() and len(read_log(log)) >= run.epochs for log in run.log_paths(out))
 
 
 def load_settings(out: Path, settings: dict) -> dict:
@@ -257,19 +283,38 @@ def load_settings(out: Path, settings: dict) -> dict:
     return saved.get('seconds', {})
 
 
-def summarise(runs: Sequence[Run], out: Path, seconds: dict) -> list[dict]:
-    """One row per method: final and best Acc@1 of every seed, their mean and spread, the mean run time."""
-    rows: dict[str, dict] = {}
-    for run in runs:
-        accuracy = [epoch['test_acc1'] for epoch in read_log(out / run.name / 'log.txt')]
-        row = rows.setdefault(run.method, {'run': run, 'final': [], 'best': [], 'seconds': []})
-        row['final'].append(accuracy[-1])
-        row['best'].append(max(accuracy))
-        row['seconds'].append(seconds[run.name])
-    for row in rows.values():
-        row['mean'] = statistics.mean(row['final'])
-        row['std'] = statistics.stdev(row['final']) if len(row['final']) > 1 else 0.0
-    return list(rows.values())
+@dataclass
+class Row:
+    """A row of results: a method's (or the teacher's) final and best Acc@1 over the seeds."""
+    label: str
+    teacher: str
+    model: str
+    epochs: int
+    final: list[float]
+    best: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.final)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.final) if len(self.final) > 1 else 0.0
+
+
+def summarise(runs: Sequence[Run], out: Path) -> list[Row]:
+    """The teacher's row, then one per method over the seeds' runs."""
+    def accuracies(log: Path) -> list[float]:
+        return [epoch['test_acc1'] for epoch in read_log(log)]
+
+    teacher, students = runs[0], runs[1:]
+    own = accuracies(teacher.log_paths(out)[0])
+    rows = [Row(teacher.label, '-', teacher.model, teacher.epochs, [own[-1]], [max(own)])]
+    for index, method in enumerate(students[0].methods):
+        seeds = [accuracies(run.log_paths(out)[index]) for run in students]
+        rows.append(Row(method.label, method.teacher, students[0].model, students[0].epochs,
+                        [a[-1] for a in seeds], [max(a) for a in seeds]))
+    return rows
 
 
 def count_images(folder: Path) -> tuple[int, int]:
@@ -278,49 +323,48 @@ def count_images(folder: Path) -> tuple[int, int]:
     return sum(1 for c in classes for f in c.iterdir() if f.is_file()), len(classes)
 
 
-def write_results(rows: Sequence[dict], args: argparse.Namespace, data_path: Path, path: Path) -> None:
-    """The results table as markdown, under a line that says what was trained on."""
+def write_results(rows: Sequence[Row], args: argparse.Namespace, data_path: Path, seconds: dict, runs: Sequence[Run],
+                  path: Path) -> None:
+    """The results table as markdown, under a line that says what was trained on and how long it took."""
     train_images, classes = count_images(data_path / 'train')
     val_images, _ = count_images(data_path / 'val')
     student_images, _ = count_images(data_path.parent / STUDENT_DATA_DIR_NAME / 'train')
     lines = [
         '| method | teacher | student | epochs | seeds | final Acc@1, mean ± std | final Acc@1 per seed '
-        '| best Acc@1, mean | train time per run |',
-        '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+        '| best Acc@1, mean |',
+        '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |',
     ]
     for row in rows:
-        run = row['run']
-        per_seed = ' / '.join(f'{value:.1f}' for value in row['final'])
-        lines.append(f'| {run.method} | {run.teacher} | {run.model} | {run.epochs} | {len(row["final"])} '
-                     f'| {row["mean"]:.1f} ± {row["std"]:.1f} | {per_seed} | {statistics.mean(row["best"]):.1f} '
-                     f'| {statistics.mean(row["seconds"]):.0f} s |')
+        per_seed = ' / '.join(f'{value:.1f}' for value in row.final)
+        lines.append(f'| {row.label} | {row.teacher} | {row.model} | {row.epochs} | {len(row.final)} '
+                     f'| {row.mean:.1f} ± {row.std:.1f} | {per_seed} | {statistics.mean(row.best):.1f} |')
+    students = [seconds[run.name] for run in runs[1:]]
     header = (f'Shapes data set: {train_images} training images for the teacher, the first {student_images} of '
               f'them for the students, {val_images} validation images; {args.input_size}x{args.input_size} px, '
               f'{classes} classes; batch {args.teacher_batch_size} (teacher) and {args.batch_size} (students), '
-              f'lr {args.lr:g}; student seeds {" ".join(map(str, args.seeds))}. Acc@1 in % on the validation '
-              'images (std: sample standard deviation over the seeds); train time is the wall time of one '
-              f'main.py process, {args.jobs} student(s) at a time.')
+              f'lr {args.lr:g}; student seeds {" ".join(map(str, args.seeds))}, each seed\'s four students in one '
+              'main.py process (the same batches and initial weights; the teacher\'s forward once per batch). Acc@1 '
+              'in % on the validation images (std: sample standard deviation over the seeds). Wall time: the '
+              f'teacher {seconds[runs[0].name]:.0f} s, a seed\'s students {min(students):.0f} to {max(students):.0f} s '
+              f'({args.jobs} process(es) at a time).')
     path.write_text('\n'.join([header, ''] + lines) + '\n')
 
 
-def plot_accuracy(rows: Sequence[dict], path: Path) -> None:
+def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
     """Mean final Acc@1 per method with the seeds' standard deviation as error bars and each seed as a dot."""
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     for i, row in enumerate(rows):
-        colour = TEACHER_COLOUR if row['run'].name == 'teacher' else STUDENT_COLOUR
-        bar = ax.bar(i, row['mean'], BAR_WIDTH, yerr=row['std'] if len(row['final']) > 1 else None,
-                     capsize=4, color=colour)
-        ax.bar_label(bar, labels=[f'{row["mean"]:.1f} ± {row["std"]:.1f}' if len(row['final']) > 1
-                                  else f'{row["mean"]:.1f}'], fontsize='small', padding=6)
-        offsets = [SEED_SPREAD * (k - (len(row['final']) - 1) / 2) for k in range(len(row['final']))]
-        ax.scatter([i + o for o in offsets], row['final'], s=12, color=SEED_COLOUR, zorder=3)
-    ax.set_xticks(range(len(rows)), [f"{r['run'].method}\n{r['run'].model.split('_patch')[0]}" for r in rows],
-                  fontsize='small')
+        colour = TEACHER_COLOUR if i == 0 else STUDENT_COLOUR
+        several = len(row.final) > 1
+        bar = ax.bar(i, row.mean, BAR_WIDTH, yerr=row.std if several else None, capsize=4, color=colour)
+        ax.bar_label(bar, labels=[f'{row.mean:.1f} ± {row.std:.1f}' if several else f'{row.mean:.1f}'],
+                     fontsize='small', padding=6)
+        offsets = [SEED_SPREAD * (k - (len(row.final) - 1) / 2) for k in range(len(row.final))]
+        ax.scatter([i + o for o in offsets], row.final, s=12, color=SEED_COLOUR, zorder=3)
+    ax.set_xticks(range(len(rows)), [f"{r.label}\n{r.model.split('_patch')[0]}" for r in rows], fontsize='small')
     ax.set_ylabel('final Acc@1 (%)')
     ax.set_ylim(0, FULL_ACCURACY * BAR_HEADROOM)
-    students = [r for r in rows if r['run'].name != 'teacher']
-    ax.set_title(f"Shapes, {students[0]['run'].epochs} student epochs, {len(students[0]['final'])} seeds: "
-                 'mean ± std (dots: seeds)')
+    ax.set_title(f'Shapes, {rows[1].epochs} student epochs, {len(rows[1].final)} seeds: mean ± std (dots: seeds)')
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, DPI)
@@ -357,8 +401,8 @@ def quickstart(args: argparse.Namespace) -> int:
 
     def train(run: Run, threads: int) -> None:
         run_dir = out / run.name
-        if run.name in seconds and is_finished(run, run_dir):
-            print(f'{run.method}, seed {run.seed}: finished earlier in {run_dir}, reused')
+        if run.name in seconds and is_finished(run, out):
+            print(f'{run.label}: finished earlier in {run_dir}, reused')
             return
         run_seconds = run_main(run, commands[run.name], run_dir, args.verbose, threads)
         with recording:
@@ -371,13 +415,12 @@ def quickstart(args: argparse.Namespace) -> int:
         for future in [pool.submit(train, run, max(1, cores // args.jobs)) for run in students]:
             future.result()
 
-    rows = summarise(runs, out, seconds)
-    write_results(rows, args, data_path, out / RESULTS_NAME)
+    rows = summarise(runs, out)
+    write_results(rows, args, data_path, seconds, runs, out / RESULTS_NAME)
     plot_accuracy(rows, out / ACCURACY_FIGURE)
-    students = [run for run in runs if run.name != 'teacher' and run.seed == args.seeds[0]]
-    plot_logs([out / run.name / 'log.txt' for run in students], out / LOSSES_FIGURE,
-              labels=[run.method for run in students],
-              title=f'Students ({args.model}, teacher {args.teacher_model}, seed {args.seeds[0]}): Acc@1 and the '
+    first = students[0]
+    plot_logs(first.log_paths(out), out / LOSSES_FIGURE, labels=[method.label for method in first.methods],
+              title=f'Students ({args.model}, teacher {args.teacher_model}, seed {first.seed}): Acc@1 and the '
                     'weighted loss terms (train_*) per epoch')
     print('\n' + (out / RESULTS_NAME).read_text())
     for name in (RESULTS_NAME, ACCURACY_FIGURE, LOSSES_FIGURE, COMMANDS_NAME):
