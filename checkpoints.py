@@ -458,28 +458,35 @@ def load_finetune(model: nn.Module, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
-    """This process's Python, numpy and torch (CPU and CUDA) RNG states, as tensors and plain values only (so that
-    the weights-only loader reads them back)."""
+    """This process's Python, numpy and torch RNG states (CPU, and its current CUDA device's: the GPU it trains on),
+    as tensors and plain values only (so that the weights-only loader reads them back)."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         'python': random.getstate(),
         'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
                   'cached_gaussian': float(cached_gaussian)},
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` returned; CUDA states only onto as many devices."""
+    """Restore what ``rng_state`` returned, the CUDA state onto this process's current device (whatever GPUs the
+    saving and the resuming launch showed each process). Checkpoints of earlier versions hold every visible device's
+    CUDA state: restored where as many are visible."""
     version, internal, gauss_next = state['python']
     random.setstate((version, tuple(internal), gauss_next))
     numpy_state = state['numpy']
     np.random.set_state(('MT19937', numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
                          numpy_state['has_gauss'], numpy_state['cached_gaussian']))
     torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state['cuda']
+    if not torch.cuda.is_available() or cuda is None:
+        return
+    if isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda)
+    elif cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def gather_over_ranks(state: Any) -> list:

@@ -466,7 +466,8 @@ class PreemptionFlag(StopSignal):
         self.signal_time = 0.0
         self.waiting_since: Optional[float] = None
         self.longest_step: Optional[float] = None  # seconds; None until a step has finished
-        self._lock = threading.Lock()
+        # Reentrant: a second signal can interrupt the first one's handler on the main thread, inside the lock.
+        self._lock = threading.RLock()
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
         if distributed:

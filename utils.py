@@ -154,11 +154,16 @@ class RandomStream:
     (sampling, augmentation, mixup) nor another student's: every student of a run draws what it would draw alone."""
 
     def __init__(self, seed: int, rank: int, device: torch.device):
-        seed = int(np.random.SeedSequence(seed, spawn_key=(STUDENT_STREAM_KEY, rank)).generate_state(1, np.uint64)[0])
+        self.seed = int(np.random.SeedSequence(seed, spawn_key=(STUDENT_STREAM_KEY, rank)).generate_state(
+            1, np.uint64)[0])
         self.device = device if device.type == 'cuda' else None
-        self._state = {'cpu': torch.Generator().manual_seed(seed).get_state(),
-                       'cuda': (torch.Generator(device=self.device).manual_seed(seed).get_state()
-                                if self.device is not None else None)}
+        self._state = {'cpu': torch.Generator().manual_seed(self.seed).get_state(), 'cuda': self._first_cuda_state()}
+
+    def _first_cuda_state(self) -> Optional[torch.Tensor]:
+        """The stream's CUDA state as its seed starts it (None without a CUDA device)."""
+        if self.device is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(self.seed).get_state()
 
     def _current(self) -> dict:
         return {'cpu': torch.get_rng_state(),
@@ -183,10 +188,10 @@ class RandomStream:
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        """A state ``state_dict`` returned; a CUDA state is taken only where this stream has a CUDA device."""
-        self._state = {'cpu': state['cpu'], 'cuda': state['cuda'] if self.device is not None else None}
-        if self.device is not None and state['cuda'] is None:
-            self._state['cuda'] = torch.cuda.get_rng_state(self.device)
+        """A state ``state_dict`` returned; a CUDA state is taken only where this stream has a CUDA device, and one
+        saved without it (a run on the CPU resumed on a GPU) starts from the stream's seed, as a fresh one does."""
+        cuda = state['cuda'] if state['cuda'] is not None else self._first_cuda_state()
+        self._state = {'cpu': state['cpu'], 'cuda': cuda if self.device is not None else None}
 
 
 # ---------------------------------------------------------------------------------------------

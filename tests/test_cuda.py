@@ -25,6 +25,7 @@ import engine
 import main
 import models
 import students
+import utils
 from benchmark import NUM_CLASSES, PAPER_CONFIGURATIONS, PaperConfiguration
 from helpers import (ACCURACY_LINE, FEATURE_KD, PROBE, SHORT_DIST_TIMEOUT, assert_ranks_in_sync,  # noqa: F401
                      assert_same_tensors, check_compiled_matches_eager, free_port, keep_signal_handlers, launch,
@@ -485,3 +486,24 @@ def test_a_dali_run_trains_on_the_gpu(small_jpegs, tmp_path, device):
                        'deit_tiny_patch16_224', '--epochs', '1', '--output_dir', str(tmp_path / 'run')])
     assert result.returncode == 0, result.stderr[-3000:]
     assert ACCURACY_LINE.search(result.stdout)
+
+
+def test_random_states_are_this_processs_gpus_and_a_students_own_stream(device):
+    """A checkpoint keeps the CUDA random state of the process's own GPU (whatever GPUs another launch shows it) and
+    restores it there; a student's stream resumed from a CPU run's state starts its CUDA draws from its own seed,
+    not from the data's stream."""
+    saved = checkpoints.rng_state()
+    first = torch.rand(4, device=device)
+    torch.rand(16, device=device)
+    checkpoints.set_rng_state(saved)
+    assert torch.equal(torch.rand(4, device=device), first)
+
+    fresh = utils.RandomStream(3, 0, device)
+    resumed = utils.RandomStream(3, 0, device)
+    resumed.load_state_dict({**fresh.state_dict(), 'cuda': None})
+    torch.manual_seed(0)
+    with fresh.active():
+        expected = torch.rand(4, device=device)
+    with resumed.active():
+        assert torch.equal(torch.rand(4, device=device), expected)
+    assert not torch.equal(torch.rand(4, device=device), expected)

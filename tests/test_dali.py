@@ -25,7 +25,7 @@ import dali_data
 import datasets
 import main
 from helpers import (LAUNCH_TIMEOUT_S, PROBE, SHORT_DIST_TIMEOUT, SPEEDUP_LINE, Launch, launch, launch_env,
-                     rank_states, run_main, stub_step, torchrun)
+                     rank_states, run, run_main, stub_step, torchrun)
 from launch import LaunchEnvironment
 from shapes import make_shapes_dataset
 
@@ -652,3 +652,30 @@ def test_papers_benchmark_runs_on_the_resolved_gpu(monkeypatch, capsys):
     # Each configuration eager and compiled (built, timed), and the shared row (built, timed, its speed-up).
     assert len(devices) == 4 * len(benchmark.PAPER_CONFIGURATIONS) + 3
     assert set(devices) == {torch.device('cuda', 2)}, devices
+
+
+EXIT_PROBE = '''
+import sys
+import main, dali_data, datasets
+from launch import LaunchEnvironment
+import torch
+args = main.get_args_parser().parse_args(sys.argv[1:])
+train, _ = datasets.build_dataset(True, args)
+loader, _ = dali_data.build_dali_loaders(args, train, train, LaunchEnvironment(), torch.device('cpu'))
+
+def consume():
+    stream = iter(loader)
+    next(stream)
+    raise RuntimeError('an error the run does not catch')  # its frame, and the iterator in it, outlive the raise
+
+consume()
+'''
+EXIT_PROBE_TIMEOUT_S = 90
+
+
+def test_an_uncaught_error_with_a_loader_mid_epoch_ends_the_process(jpegs):
+    """The feeding thread of an epoch whose iterator nobody closed (the traceback keeps the consumer's frame)
+    stops when the interpreter exits, instead of keeping it waiting for the thread forever."""
+    result = run([sys.executable, '-c', EXIT_PROBE, *flags(jpegs, *NO_AUGMENTATION)], EXIT_PROBE_TIMEOUT_S,
+                 launch_env())
+    assert result.returncode == 1 and 'an error the run does not catch' in result.stderr, result.stderr[-2000:]

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -26,6 +27,7 @@ TINY = ['--model', 'deit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 
         '--batch-size', '4', '--no-model-ema', '--print-freq', '1']
 KD = ['--teacher-model', 'deit_tiny_patch16_224', '--distillation-type', 'soft']
 START_TIMEOUT_S = 120
+HANDLER_TIMEOUT_S = 5
 # What a finished run leaves in its output folder (the best checkpoint once an epoch has improved on 0 %).
 CLEAN_RUN_FILES = {checkpoints.CHECKPOINT_NAME, checkpoints.BEST_CHECKPOINT_NAME, utils.LOG_NAME}
 TEMPORARY_CHECKPOINT = re.compile(rf'{re.escape(checkpoints.CHECKPOINT_NAME)}\.tmp\.{re.escape(socket.gethostname())}'
@@ -160,13 +162,13 @@ def test_a_stop_signal_during_a_long_first_step_is_a_preemption(shapes, tmp_path
     code = f"""
 import sys, time, engine, main
 main.PEER_WAIT_AFTER_SIGNAL_S = {wait_s}
-step = engine.training_step
+step = engine.train_step
 def compiling_first_step(*args, **kwargs):
-    engine.training_step = step
+    engine.train_step = step
     print('first step started', flush=True)
     time.sleep({first_step_s})
     return step(*args, **kwargs)
-engine.training_step = compiling_first_step
+engine.train_step = compiling_first_step
 sys.exit(main.run(sys.argv[1:]))
 """
     with start_training(argv, env, code) as process:
@@ -359,3 +361,23 @@ def test_a_real_file_system_too_small_then_full(few_shapes, small_file_system, m
         f'error: cannot write {out / checkpoints.CHECKPOINT_NAME}: {NO_SPACE}; nothing was saved']
     assert logged_epochs(out) == [0]
     assert {path.name for path in out.iterdir()} == {utils.LOG_NAME}
+
+
+def test_a_second_signal_inside_the_first_ones_handler_does_not_deadlock(keep_signal_handlers, monkeypatch):
+    """Python runs a signal's handler between two bytecodes of the main thread, also inside another handler: a
+    SIGUSR1 arriving while the SIGTERM handler writes its line must not wait for a lock the main thread holds."""
+    flag = main.PreemptionFlag(distributed=False, saves=True)
+    written = []
+
+    class InterruptedStderr:
+        def write(self, text: str) -> None:
+            written.append(text)
+            if len(written) == 1:
+                flag._handle(signal.SIGUSR1, None)
+
+    monkeypatch.setattr(sys, 'stderr', InterruptedStderr())
+    handler = threading.Thread(target=flag._handle, args=(signal.SIGTERM, None), daemon=True)
+    handler.start()
+    handler.join(HANDLER_TIMEOUT_S)
+    assert not handler.is_alive(), 'the nested handler waits forever'
+    assert flag.signal == signal.SIGTERM and written == ['Received SIGTERM: saving a checkpoint after this step\n']
