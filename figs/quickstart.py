@@ -92,9 +92,9 @@ PAPERS_WEIGHTS = ('--distillation-alpha', '1', '--distillation-beta', '1')
 BASE = 'base'  # main.py's name for the student of the command itself, among --variant's
 
 # Same for every run. The model EMA is never evaluated, so it is skipped to save time. The per-epoch evaluation
-# runs in the training precision: on a CPU with native bf16 that is 3.5x faster than DeiT's float32 evaluation
-# (main.py's default, there to reproduce published checkpoints' numbers), and a comparison of methods run alike
-# needs no more.
+# runs in the training precision: on a CPU with native bf16 that is bf16, faster than DeiT's float32 evaluation
+# (main.py's default, there to reproduce published checkpoints' numbers; docs/differences.md has the measured
+# ratio), and a comparison of methods run alike needs no more.
 COMMON_FLAGS = ('--data-set', 'SHAPES', '--device', 'cpu', '--no-model-ema', '--unscale-lr',
                 '--eval-precision', 'training')
 # DeiT's regularisation (RandAugment, mixup, cutmix, random erasing, drop path) pays off over hundreds of
