@@ -160,6 +160,21 @@ def save_teacher(path: Path, model_name: str, num_classes: int = 1000, **kwargs)
     return path
 
 
+def tiny_shapes_with_teacher(root: Path, teacher_model: str, image_size: int) -> tuple[Path, Path]:
+    """Two training and one validation image per shapes class at ``image_size``, and a random ``teacher_model`` for
+    them in DeiT's release layout: the data of a run that checks what a run does, not what it learns."""
+    data = shapes.make_shapes_dataset(str(root / 'shapes'), train_per_class=2, val_per_class=1, image_size=image_size)
+    teacher = save_teacher(root / 'teacher.pth', teacher_model, num_classes=shapes.SHAPES_NUM_CLASSES,
+                           img_size=image_size)
+    return Path(data), teacher
+
+
+def with_data(flags: list[str], data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    """``flags`` on the data and teacher of ``tiny_shapes_with_teacher``, writing to ``out``, then ``extra``."""
+    shapes_dir, teacher = data
+    return [*flags, '--data-path', str(shapes_dir), '--teacher-path', str(teacher), '--output_dir', str(out), *extra]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))

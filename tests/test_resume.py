@@ -15,8 +15,9 @@ from timm.layers import resample_abs_pos_embed
 
 import checkpoints
 import main
-from shapes import SHAPES_NUM_CLASSES, make_shapes_dataset
-from helpers import one_thread, save_teacher  # noqa: F401 (autouse fixture)
+from shapes import SHAPES_NUM_CLASSES
+from helpers import tiny_shapes_with_teacher, with_data
+from helpers import one_thread  # noqa: F401 (autouse fixture)
 
 IMAGE_SIZE = 32
 EPOCHS = 3
@@ -45,17 +46,11 @@ def keep_signal_handlers():
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp('resume')
-    shapes = make_shapes_dataset(str(root / 'shapes'), train_per_class=2, val_per_class=1,
-                                          image_size=IMAGE_SIZE)
-    teacher = save_teacher(root / 'deit_small.pth', 'deit_small_patch16_224', num_classes=SHAPES_NUM_CLASSES,
-                           img_size=IMAGE_SIZE)
-    return Path(shapes), teacher
+    return tiny_shapes_with_teacher(tmp_path_factory.mktemp('resume'), 'deit_small_patch16_224', IMAGE_SIZE)
 
 
 def train_argv(data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
-    shapes, teacher = data
-    return [*TRAIN, '--data-path', str(shapes), '--teacher-path', str(teacher), '--output_dir', str(out), *extra]
+    return with_data(TRAIN, data, out, *extra)
 
 
 def read_log(out: Path) -> list[dict]:

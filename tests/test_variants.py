@@ -19,9 +19,10 @@ import engine
 import main
 import students
 import utils
-from helpers import ACCURACY_LINE, LAUNCH_TIMEOUT_S, free_port, launch, launch_env, run, save_teacher, torchrun
+from helpers import (ACCURACY_LINE, LAUNCH_TIMEOUT_S, free_port, launch, launch_env, run, tiny_shapes_with_teacher,
+                     torchrun, with_data)
 from helpers import one_thread, keep_signal_handlers  # noqa: F401 (fixtures)
-from shapes import SHAPES_NUM_CLASSES, make_shapes_dataset
+from shapes import SHAPES_NUM_CLASSES
 
 IMAGE_SIZE = 32
 # Every random draw of a step is on: RandAugment, mixup and cutmix, random erasing, drop path, random tokens, EMA.
@@ -37,16 +38,11 @@ EPOCHS = 2  # the schedule is stepped between them
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp('variants')
-    shapes = make_shapes_dataset(str(root / 'shapes'), train_per_class=2, val_per_class=1, image_size=IMAGE_SIZE)
-    teacher = save_teacher(root / 'teacher.pth', 'deit_tiny_patch16_224', num_classes=SHAPES_NUM_CLASSES,
-                           img_size=IMAGE_SIZE)
-    return Path(shapes), teacher
+    return tiny_shapes_with_teacher(tmp_path_factory.mktemp('variants'), 'deit_tiny_patch16_224', IMAGE_SIZE)
 
 
 def argv(data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
-    shapes, teacher = data
-    return [*BASE, '--data-path', str(shapes), '--teacher-path', str(teacher), '--output_dir', str(out), *extra]
+    return with_data(BASE, data, out, *extra)
 
 
 def variant_flags(variants: dict[str, str]) -> list[str]:
