@@ -1,8 +1,8 @@
 """Speed of the real training step: images/s, ms/step, peak memory, model FLOPs and MFU.
 
 ``python benchmark.py <training flags>`` (or ``python main.py --benchmark <training flags>``) builds the models,
-criterion, optimizer and model EMA as training does and times ``engine.training_step`` (``compute_losses``,
-backward, optimizer step, EMA update) and its host sync on synthetic batches. FLOPs are counted by
+criterion, optimizer and model EMA as training does and times ``engine.train_step`` (the teacher's forward, the
+student's terms, backward, optimizer step, EMA update) and its host sync on synthetic batches. FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode``: teacher forward, student forward and backward, loss terms. MFU is against the GPU's dense bf16 peak (``--peak-tflops`` to
 set it), or on a CPU against the matmul rate measured in the same run. With ``--data-path`` the training loader is
 timed alone too, and the step fed by it, both in steady state: inside one epoch, after the loader's start and the
@@ -188,6 +188,16 @@ def estimate_mfu(flops_per_step: float, seconds_per_step: float, peak_flops: flo
     return flops_per_step / seconds_per_step / peak_flops
 
 
+def synthetic_batch(step: 'Step', device: torch.device, batch_size: int,
+                    input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of images and labels on ``device``, mixed as training mixes them (``step.mixup_fn``)."""
+    samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    if step.mixup_fn is not None:
+        samples, targets = step.mixup_fn(samples, targets)
+    return samples, targets
+
+
 def time_training_step(step: 'Step', device: torch.device, batch_size: int, input_size: int, steps: int, warmup: int,
                        peak_flops: Optional[float] = None) -> dict[str, float]:
     """Time the real training step on one synthetic batch; FLOPs come from ``FlopCounterMode``.
@@ -199,10 +209,7 @@ def time_training_step(step: 'Step', device: torch.device, batch_size: int, inpu
     """
     count_cpu_attention_flops()
     step.train()
-    samples = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
-    if step.mixup_fn is not None:
-        samples, targets = step.mixup_fn(samples, targets)
+    samples, targets = synthetic_batch(step, device, batch_size, input_size)
 
     def one_step() -> None:
         run_step(step, samples, targets)
@@ -281,8 +288,8 @@ def build_step(args, device: torch.device, variants: Optional[Sequence] = None) 
             model, criterion = models.compile_student(model, criterion)
         students.append(Student(name, model, criterion, optimizer, Precision.for_training(student_args, device),
                                 models.teacher_blocks(student_args), student_args.clip_grad, model_ema))
-    if args.compile and teacher is not None:
-        teacher = models.FrozenCompiledTeacher(teacher)
+    if args.compile:
+        teacher = models.compile_teacher(teacher)
     return Step(students, teacher, build_mixup(args, NUM_CLASSES))
 
 
@@ -544,10 +551,7 @@ def time_shared_and_separate(step: Step, device: torch.device, samples: torch.Te
 def speedup_report(step: Step, device: torch.device, args) -> str:
     """``time_shared_and_separate`` of a step of several students on one synthetic batch, as the line
     ``speed-up over separate runs: R.RRx (bound B.BBx from the teacher's share T%)``; prints the times."""
-    samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
-    if step.mixup_fn is not None:
-        samples, targets = step.mixup_fn(samples, targets)
+    samples, targets = synthetic_batch(step, device, args.batch_size, args.input_size)
     seconds = time_shared_and_separate(step, device, samples, targets, args.benchmark_steps, args.benchmark_warmup)
     alone = [seconds[s.name] for s in step.students]
     speedup, bound, share = separate_runs_speedup(seconds[SHARED_PHASE], alone, seconds[TEACHER_ALONE])

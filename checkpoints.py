@@ -387,6 +387,12 @@ def check_fit(model: nn.Module, state_dict: dict, path: str, flag: str, model_fl
         raise UserError(f'{flag} {path} does not fit {model_flag}: ' + ', '.join(details))
 
 
+def load_weights(model: nn.Module, state_dict: dict, path: str, flag: str, model_flag: str) -> None:
+    """``check_fit``, then the strict load."""
+    check_fit(model, state_dict, path, flag, model_flag)
+    model.load_state_dict(state_dict)
+
+
 def teacher_architecture(model_name: str, state_dict: dict) -> str:
     """The timm architecture a teacher file fits: TNT-S files of timm 0.5.4 need timm 1.x's legacy variant."""
     if model_name in LEGACY_VARIANTS and not any(key in state_dict for key in TNT_NEW_LAYOUT_KEYS):
@@ -403,9 +409,7 @@ def teacher_state_dict(model: nn.Module, state_dict: dict) -> dict:
 
 
 def load_teacher_weights(model: nn.Module, state_dict: dict, path: str, model_flag: str) -> None:
-    state_dict = teacher_state_dict(model, state_dict)
-    check_fit(model, state_dict, path, '--teacher-path', model_flag)
-    model.load_state_dict(state_dict)
+    load_weights(model, teacher_state_dict(model, state_dict), path, '--teacher-path', model_flag)
 
 
 def student_state_dict(model: nn.Module, state_dict: dict, training: bool) -> tuple[dict, bool]:
@@ -433,8 +437,7 @@ def load_student_weights(model: nn.Module, state_dict: dict, path: str, training
     state_dict, projector_skipped = student_state_dict(model, state_dict, training)
     if projector_skipped:
         print(f'Note: {path}: the projector is only used in training; its weights are not loaded for evaluation')
-    check_fit(model, state_dict, path, '--resume', student_flag(model))
-    model.load_state_dict(state_dict)
+    load_weights(model, state_dict, path, '--resume', student_flag(model))
 
 
 def load_finetune(model: nn.Module, path: str) -> None:
@@ -516,13 +519,6 @@ def training_state(model: nn.Module, optimizer, lr_scheduler, epoch: int, model_
         'rng_states': gather_over_ranks(rng_state()),
         'student_rng_states': gather_over_ranks(student_stream.state_dict()) if student_stream is not None else None,
     }
-
-
-def auto_resume_path(output_dir: Optional[pathlib.Path]) -> Optional[str]:
-    """``output_dir/checkpoint.pth`` when a previous run left one."""
-    if output_dir is not None and (output_dir / CHECKPOINT_NAME).is_file():
-        return str(output_dir / CHECKPOINT_NAME)
-    return None
 
 
 def resume(path: str, model: nn.Module, training: bool, optimizer=None, lr_scheduler=None, model_ema=None,

@@ -1,5 +1,6 @@
-"""The training and evaluation loops; ``compute_losses`` is the one forward pass of the loop, the benchmark and
-the tests."""
+"""The training and evaluation loops; ``train_step`` (the teacher's forward once, then each student's step) is the
+step of the loop and of the benchmark, ``compute_losses`` one student's forward pass and terms (``student_losses``
+after ``teacher_forward``, as the step computes them)."""
 import contextlib
 import math
 import time
@@ -212,25 +213,28 @@ TEACHER_PHASE = 'teacher'
 def train_step(students: Sequence[Student], teacher: Optional[nn.Module], samples: torch.Tensor,
                targets: torch.Tensor, timer: Optional[PhaseTimer] = None) -> list[dict[str, torch.Tensor]]:
     """The teacher's forward, once, then every student's step on the batch, one after the other (so that one
-    student's activations are alive at a time); each student's terms. ``timer`` marks the phases."""
-    timer = timer or PhaseTimer(samples.device)
-    timer.mark()
+    student's activations are alive at a time); each student's terms. ``timer``, where given, marks the phases."""
+    if timer is not None:
+        timer.mark()
     # The students' precisions differ only in their grad scalers: one autocast serves the teacher.
     with students[0].precision.autocast():
         output = teacher_forward(teacher, samples)
-    timer.mark(TEACHER_PHASE)
+    if timer is not None:
+        timer.mark(TEACHER_PHASE)
     terms = []
     for student in students:
         terms.append(student_step(student, output, samples, targets))
-        timer.mark(student.name)
+        if timer is not None:
+            timer.mark(student.name)
     return terms
 
 
 @dataclass
 class EpochResult:
     """What ``train_one_epoch`` returns: each student's epoch averages (every term, and the last LR), the seconds of
-    each phase of the steps (``TEACHER_PHASE`` and each student's name), and whether it ended early because a
-    process was asked to stop (preemption), in which case the caller saves."""
+    each phase of the steps (``TEACHER_PHASE`` and each student's name; timed only with several students, for
+    ``variants.md``), and whether it ended early because a process was asked to stop (preemption), in which case the
+    caller saves."""
     stats: list[dict[str, float]]
     seconds: dict[str, float]
     stopped: bool
@@ -257,7 +261,7 @@ def train_one_epoch(
     for prefix in prefixes:
         metric_logger.add_meter(f'{prefix}lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(device) if len(students) > 1 else None
     stopping = 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         samples = samples.to(device, non_blocking=True)
@@ -268,7 +272,8 @@ def train_one_epoch(
         with stop.waiting_on_peers():
             terms = train_step(students, teacher, samples, targets, timer)
             *values, stopping = step_values_over_processes([v for t in terms for v in t.values()], stop.requested())
-        timer.collect()
+        if timer is not None:
+            timer.collect()
         for student, student_terms, prefix in zip(students, terms, prefixes):
             named = dict(zip(student_terms, values[:len(student_terms)]))
             values = values[len(student_terms):]
@@ -286,7 +291,7 @@ def train_one_epoch(
     averages = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats = [{k.removeprefix(prefix): v for k, v in averages.items() if k.startswith(prefix)
               and (prefix or '/' not in k)} for prefix in prefixes]
-    return EpochResult(stats, dict(timer.seconds), bool(stopping))
+    return EpochResult(stats, dict(timer.seconds) if timer is not None else {}, bool(stopping))
 
 
 def step_values_over_processes(terms: Iterable[torch.Tensor], stop_requested: bool) -> list[float]:

@@ -27,8 +27,7 @@ from typing import Iterator, Optional, Sequence
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from main import EXIT_USER_ERROR
-from utils import UserError
+from utils import EXIT_USER_ERROR, UserError
 
 KAGGLE_HEADER = ('ImageId', 'PredictionString')
 WNID = re.compile(r'n\d{8}')

@@ -33,10 +33,10 @@ from checkpoints import CHECKPOINT_NAME
 from engine import NonFiniteLossError, Precision, StopSignal, evaluate_students, train_one_epoch
 from launch import LaunchEnvironment, launch_environment, slurm_rendezvous
 from losses import feature_distillation
-from models import (FrozenCompiledTeacher, check_model_name, check_timm_weights, check_token_shapes,
-                    check_weight_files, load_teacher, no_token_capture, timm_weights_overlay, token_width)
+from models import (check_model_name, check_timm_weights, check_token_shapes, check_weight_files, compile_teacher,
+                    load_teacher, no_token_capture, timm_weights_overlay, token_width)
 from students import Variant, build_student, parse_variants, prepare_run_dirs, resume_students, write_variants_table
-from utils import OutputWriteError, UserError
+from utils import EXIT_USER_ERROR, OutputWriteError, UserError
 
 DEFAULT_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LOOKAHEAD_PREFIX = 'lookahead_'  # timm's optimizer factory wraps 'lookahead_<name>' in Lookahead
@@ -49,7 +49,6 @@ MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
 MAX_PORT = 65535
 MIN_POLICY_CHECK_SIZE = 32  # the image size at which --aa is built once to check it
-EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_PEER_FAILURE = 4
 EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or log.txt could not be written; a full disk stays full, no requeue
@@ -574,8 +573,8 @@ def main(args: argparse.Namespace, variants: list[Variant], launch: LaunchEnviro
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         teacher = None if args.eval else load_teacher(args, num_classes, device, precision.dtype,
                                                       [variant.args for variant in variants])
-    if teacher is not None and args.compile:
-        teacher = FrozenCompiledTeacher(teacher)
+    if args.compile:
+        teacher = compile_teacher(teacher)
     runs = [build_student(variant, teacher, num_classes, launch, device, writer)
             for variant, writer in zip(variants, writers)]
     resumed_epoch = resume_students(runs, args.resume, args.auto_resume, not args.eval)

@@ -514,7 +514,6 @@ def compile_student(model: nn.Module, criterion: nn.Module) -> tuple[nn.Module, 
     return torch.compile(model), torch.compile(criterion)
 
 
-def compile_models(model: nn.Module, teacher: Optional[nn.Module], criterion: nn.Module) -> tuple:
-    """``compile_student``, and the teacher with its weights frozen (``FrozenCompiledTeacher``)."""
-    model, criterion = compile_student(model, criterion)
-    return model, FrozenCompiledTeacher(teacher) if teacher is not None else None, criterion
+def compile_teacher(teacher: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The teacher compiled with its weights frozen (``FrozenCompiledTeacher``); no teacher stays none."""
+    return FrozenCompiledTeacher(teacher) if teacher is not None else None

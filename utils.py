@@ -30,6 +30,7 @@ MALLOPT_MMAP_MAX = -4
 NEVER_TRIM = 2 ** 31 - 1
 
 LOG_NAME = 'log.txt'  # DeiT's log of the run in --output_dir: a JSON line per epoch
+EXIT_USER_ERROR = 2  # a UserError's exit code, also argparse's for a bad flag
 
 
 class UserError(Exception):

@@ -3,6 +3,7 @@ tests start processes (``Launch``, ``run``)."""
 import builtins
 import contextlib
 import errno
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ import engine
 import main
 import models
 import shapes
+import utils
 from losses import build_criterion
 from models import create_student, random_teacher
 
@@ -175,6 +177,11 @@ def with_data(flags: list[str], data: tuple[Path, Path], out: Path, *extra: str)
     return [*flags, '--data-path', str(shapes_dir), '--teacher-path', str(teacher), '--output_dir', str(out), *extra]
 
 
+def read_log(folder: Path) -> list[dict]:
+    """The epochs' lines of ``folder``'s ``log.txt``."""
+    return [json.loads(line) for line in (folder / utils.LOG_NAME).read_text().splitlines()]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
@@ -271,7 +278,8 @@ def check_compiled_matches_eager(device: torch.device, rel: float, rtol: float, 
         return {name: value.item() for name, value in terms.items()}, gradients
 
     eager_terms, eager_gradients = losses_and_gradients(student, teacher, criterion)
-    compiled_models = models.compile_models(student, teacher, criterion)
+    compiled_student, compiled_criterion = models.compile_student(student, criterion)
+    compiled_models = (compiled_student, models.compile_teacher(teacher), compiled_criterion)
     # Compiled code draws its own random numbers unless told to use eager's: the same tokens must be sampled.
     with torch._inductor.config.patch(fallback_random=True):
         compiled_terms, compiled_gradients = losses_and_gradients(*compiled_models)

@@ -21,6 +21,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+import benchmark
 import dali_data
 import datasets
 import main
@@ -54,10 +55,10 @@ def parse(data: Path, *extra: str):
     return args
 
 
-def dali_loaders(args, launch_env: LaunchEnvironment = LaunchEnvironment()):
+def dali_loaders(args, launch_env: LaunchEnvironment = LaunchEnvironment(), device: torch.device = CPU):
     train, _ = datasets.build_dataset(True, args)
     val, _ = datasets.build_dataset(False, args)
-    return dali_data.build_dali_loaders(args, train, val, launch_env, CPU)
+    return dali_data.build_dali_loaders(args, train, val, launch_env, device)
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -513,10 +514,7 @@ def test_a_cuda_device_without_index_builds_dali_for_the_current_gpu(jpegs, monk
 
     monkeypatch.setattr(dali_data, 'train_pipeline', recorded('train'))
     monkeypatch.setattr(dali_data, 'eval_pipeline', recorded('eval'))
-    args = parse(jpegs, *NO_AUGMENTATION)
-    train, _ = datasets.build_dataset(True, args)
-    val, _ = datasets.build_dataset(False, args)
-    loaders = dali_data.build_dali_loaders(args, train, val, LaunchEnvironment(), torch.device('cuda'))
+    loaders = dali_loaders(parse(jpegs, *NO_AUGMENTATION), device=torch.device('cuda'))
     for loader in loaders:
         loader.make_pipeline(0, 1)
         assert loader.device == torch.device('cuda', 3)
@@ -606,7 +604,6 @@ def test_dali_trains_to_the_pil_loaders_accuracy(tmp_path):
 def test_papers_benchmark_times_both_loaders_and_each_configuration_fed_by_both(jpegs, monkeypatch, capsys):
     """``--papers --data-path``: each loader alone for real (images/s, CPU per image, cores), then every eager
     configuration fed by pil and by dali (the steps themselves stubbed: their timing has its own tests)."""
-    import benchmark
     stats = {'images_per_s': 200.0, 'ms_per_step': 640.0, 'peak_memory_gib': math.nan, 'gflops_per_image': 43.8,
              'peak_tflops': 0.4, 'mfu': 0.5}
     monkeypatch.setattr(benchmark, 'build_step', lambda args, device, variants=None: stub_step(args, device))
@@ -630,7 +627,6 @@ def test_papers_benchmark_times_both_loaders_and_each_configuration_fed_by_both(
 def test_papers_benchmark_runs_on_the_resolved_gpu(monkeypatch, capsys):
     """``--benchmark --papers --device cuda``: every row is built and timed on ``main.process_device``'s GPU (the
     current one, with its index), not on a ``cuda`` device without one."""
-    import benchmark
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)

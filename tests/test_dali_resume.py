@@ -12,10 +12,9 @@ from torch.utils.data import RandomSampler
 import checkpoints
 import datasets
 import main
-import utils
 from dali_read_order import NOTES_FILE, note_read_order, stop_after_checkpoint, StopAfterCheckpoint
 from helpers import (SHORT_DIST_TIMEOUT, free_port, keep_signal_handlers, launch, launch_env, one_thread,  # noqa: F401
-                     torchrun)
+                     read_log, torchrun)
 from launch import LaunchEnvironment
 from shapes import make_shapes_dataset
 
@@ -43,7 +42,7 @@ def run_flags(data: Path, out: Path) -> list[str]:
 
 def assert_cut_off_then_resumed(out: Path, resumed_stdout: str) -> None:
     assert 'Auto-resume: continuing from' in resumed_stdout
-    logged = [json.loads(line)['epoch'] for line in (out / utils.LOG_NAME).read_text().splitlines()]
+    logged = [line['epoch'] for line in read_log(out)]
     assert logged == list(range(EPOCHS))
 
 

@@ -24,9 +24,8 @@ import checkpoints
 import datasets
 import engine
 import main
-import utils
 from helpers import (LAUNCH_TIMEOUT_S, SHORT_DIST_TIMEOUT, free_port, keep_signal_handlers,  # noqa: F401 (fixtures)
-                     launch_env, make_shapes, one_thread, run, save_teacher, torchrun)
+                     launch_env, make_shapes, one_thread, read_log, run, save_teacher, torchrun)
 from launch import LaunchEnvironment
 from losses import build_criterion, random_token_index
 from models import check_token_shapes, create_student, random_teacher
@@ -51,6 +50,7 @@ WORLD_SIZE = 2
 LAUNCH_BATCH = 4
 STEPS_PER_EPOCH = 2
 NAN_RANK, NAN_EPOCH, NAN_STEP_IN_EPOCH = 1, 1, 1
+NAN_STEP = NAN_EPOCH * STEPS_PER_EPOCH + NAN_STEP_IN_EPOCH  # counted from the run's first step
 TEACHER_WIDTH = 384  # deit_small's, to tell the teacher's forward from the student's (deit_tiny: 192)
 LOCAL_BATCH = 4
 
@@ -132,7 +132,7 @@ def test_the_same_seed_repeats_a_run_exactly(tmp_path):
                 '--input-size', str(IMAGE_SIZE), '--batch-size', '4', '--epochs', '1', '--num_workers', '2',
                 '--device', 'cpu', '--seed', '7', '--output_dir', str(out)]
         assert main.run(argv) == 0
-        logs.append([json.loads(line) for line in (out / 'log.txt').read_text().splitlines()])
+        logs.append(read_log(out))
     assert logs[0] == logs[1]
 
 
@@ -288,10 +288,9 @@ def nan_launch(tmp_path_factory) -> dict:
             str(IMAGE_SIZE), '--batch-size', str(LAUNCH_BATCH), '--epochs', '3', '--warmup-epochs', '0', '--device',
             'cpu', '--num_workers', '0', '--print-freq', '1', '--output_dir', str(out), '--distributed',
             *SHORT_DIST_TIMEOUT]
-    nan_step = NAN_EPOCH * STEPS_PER_EPOCH + NAN_STEP_IN_EPOCH
     result = run([sys.executable, *torchrun(f'--nproc_per_node={WORLD_SIZE}', f'--master_port={free_port()}'),
                   'tests/nan_on_one_rank.py', *argv], LAUNCH_TIMEOUT_S,
-                 launch_env(NAN_RANK=str(NAN_RANK), NAN_STEP=str(nan_step), LOSSES_DIR=str(root)))
+                 launch_env(NAN_RANK=str(NAN_RANK), NAN_STEP=str(NAN_STEP), LOSSES_DIR=str(root)))
     notes = [json.loads((root / LOSS_NOTES_FILE.format(rank=rank)).read_text()) for rank in range(WORLD_SIZE)]
     return {'result': result, 'notes': notes, 'out': out, 'args': main.get_args_parser().parse_args(argv)}
 
@@ -320,7 +319,7 @@ def test_progress_lines_show_each_term_averaged_over_the_processes(nan_launch):
         assert f'  base: {expected}  ' in line and f'  loss: {expected}  ' in line, line
         differs_from_rank_0s |= shown(own[0], int(epoch), int(step)) != expected
     assert differs_from_rank_0s  # rank 0's own values would have shown otherwise
-    logged = json.loads((nan_launch['out'] / utils.LOG_NAME).read_text().splitlines()[0])
+    logged = read_log(nan_launch['out'])[0]
     assert logged['train_loss'] == pytest.approx(sum(means[:STEPS_PER_EPOCH]) / STEPS_PER_EPOCH, rel=1e-6)
 
 
@@ -330,22 +329,20 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_at_that_step(nan_l
     result, notes = nan_launch['result'], nan_launch['notes']
     assert result.returncode != 0
     assert [rank_notes['exit_code'] for rank_notes in notes] == [main.EXIT_NON_FINITE] * WORLD_SIZE, result.stderr
-    nan_step = NAN_EPOCH * STEPS_PER_EPOCH + NAN_STEP_IN_EPOCH
-    assert [len(rank_notes['base']) for rank_notes in notes] == [nan_step + 1] * WORLD_SIZE
-    assert all(v == v for v in notes[0]['base']) and [v != v for v in notes[1]['base']].index(True) == nan_step
+    assert [len(rank_notes['base']) for rank_notes in notes] == [NAN_STEP + 1] * WORLD_SIZE
+    assert all(v == v for v in notes[0]['base']) and [v != v for v in notes[1]['base']].index(True) == NAN_STEP
     errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
     assert errors == [f'error: non-finite loss at epoch {NAN_EPOCH}, step {NAN_STEP_IN_EPOCH}: base=nan, loss=nan. '
                       'The last good checkpoint is kept.'] * WORLD_SIZE, result.stderr[-3000:]
     assert checkpoints.load_checkpoint(str(nan_launch['out'] / checkpoints.CHECKPOINT_NAME))['epoch'] == 0
-    assert [json.loads(line)['epoch'] for line in
-            (nan_launch['out'] / utils.LOG_NAME).read_text().splitlines()] == [0]
+    assert [line['epoch'] for line in read_log(nan_launch['out'])] == [0]
 
 
 def test_the_lr_is_scaled_by_batch_times_world_over_512(nan_launch):
     """Kept quirk: ``--lr`` is for a global batch of 512. Two processes of batch 4 train epoch 0 (no warm-up) at
     ``lr * 4 * 2 / 512``."""
     args = nan_launch['args']
-    logged = json.loads((nan_launch['out'] / utils.LOG_NAME).read_text().splitlines()[0])
+    logged = read_log(nan_launch['out'])[0]
     assert logged['train_lr'] == pytest.approx(args.lr * LAUNCH_BATCH * WORLD_SIZE / LR_REFERENCE_BATCH, rel=1e-12)
 
 
@@ -357,7 +354,7 @@ def test_model_ema_is_on_by_default(nan_launch):
     assert not all(torch.equal(checkpoint['model_ema'][k], v) for k, v in checkpoint['model'].items())
 
 
-def test_repeated_augmentation_is_on_by_default(tmp_path):
+def test_repeated_augmentation_is_on_by_default():
     """Kept quirk: every rank of a launch draws from DeiT's RASampler (each image 3 times, dealt round the ranks)
     unless ``--no-repeated-aug``; one process shuffles plainly, as DeiT."""
     parser = main.get_args_parser()
@@ -380,7 +377,7 @@ def test_the_schedule_is_stepped_with_the_finished_epochs_index(tmp_path):
             str(IMAGE_SIZE), '--batch-size', '4', '--epochs', '3', '--warmup-epochs', '2', '--device', 'cpu',
             '--num_workers', '0', '--output_dir', str(tmp_path / 'run')]
     assert main.run(argv) == 0
-    logged = [json.loads(line)['train_lr'] for line in (tmp_path / 'run' / utils.LOG_NAME).read_text().splitlines()]
+    logged = [line['train_lr'] for line in read_log(tmp_path / 'run')]
     args = main.get_args_parser().parse_args(argv)
 
     def schedule(step_index) -> list[float]:

@@ -10,14 +10,13 @@ from PIL import Image
 import imagenet_val
 import main
 from datasets import build_dataset
-from helpers import run
+from helpers import SCRIPT_TIMEOUT_S, run
 
 TRAIN_CLASSES = ('n01440764', 'n01443537', 'n01484850')
 # ILSVRC2012_val_<number>.JPEG -> its class, out of the classes' sorted order on purpose.
 VAL_LABELS = {1: 'n01443537', 2: 'n01440764', 3: 'n01484850', 4: 'n01440764', 5: 'n01443537', 6: 'n01484850'}
 IMAGE_SIDE = 8
 COLOUR_STEP = 40
-SCRIPT_TIMEOUT_S = 120
 
 
 def val_name(number: int) -> str:

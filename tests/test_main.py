@@ -137,7 +137,7 @@ def test_benchmark_reports_throughput_flops_and_mfu(shapes, capsys):
 
 
 def test_the_benchmarks_step_is_trainings_with_its_ema_update():
-    """The timed step is what training does per step: the step of ``engine.training_step`` with the EMA update
+    """The timed step is what training does per step: ``engine.train_step`` with the EMA update
     (``--model-ema`` is the default) and the host sync."""
     args = main.get_args_parser().parse_args(['--device', 'cpu', '--model', 'deit_tiny_patch16_224', '--input-size',
                                               '32', '--batch-size', '2', '--no-amp'])

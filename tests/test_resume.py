@@ -3,7 +3,6 @@
 Runs go through ``main.run`` (the command line) in this process, so that a restart really rebuilds everything
 from the checkpoint; a crash is an exception at an epoch boundary, a preemption a real SIGTERM.
 """
-import json
 import os
 import signal
 from pathlib import Path
@@ -16,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 import checkpoints
 import main
 from shapes import SHAPES_NUM_CLASSES
-from helpers import tiny_shapes_with_teacher, with_data
+from helpers import read_log, tiny_shapes_with_teacher, with_data
 from helpers import one_thread  # noqa: F401 (autouse fixture)
 
 IMAGE_SIZE = 32
@@ -51,10 +50,6 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def train_argv(data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     return with_data(TRAIN, data, out, *extra)
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
 
 
 def load(path: Path) -> dict:
